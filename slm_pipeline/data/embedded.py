@@ -1,0 +1,203 @@
+"""The embedded default corpus: real English text that ships with Python, and noisy web-like text.
+
+`builtin:python-docs` (clean): the pydoc topics (`pydoc_data.topics`, the language reference
+sections behind `help("topic")`) followed by one document per standard-library module made of
+its docstrings, read from the source with `ast` (nothing is imported). The text is the Python
+documentation, © Python Software Foundation, under the PSF License Version 2; its exact
+content follows the Python version that runs the pipeline.
+
+`builtin:web-noise` (noisy): documents generated from a fixed seed, of the kinds Rho-1's
+selection learns to skip: navigation menus, cookie and copyright boilerplate, markup debris,
+mojibake, long numeric tables and keyword spam, with fragments of the clean text mixed in as
+web pages have. Same Python version and seed, same documents.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import random
+import sysconfig
+from collections.abc import Callable
+
+MIN_DOCUMENT_CHARS = 200
+NOISE_DOCUMENTS = 200
+NOISE_SEED = 1234
+# Test suites, the IDLE GUI and vendored packages are not documentation.
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+
+
+@functools.cache
+def python_docs() -> tuple[str, ...]:
+    """Clean documents: pydoc topics, then stdlib module docstrings in sorted path order."""
+    from pydoc_data.topics import topics
+
+    documents = [f"{name}\n\n{topics[name].strip()}" for name in sorted(topics)]
+    documents.extend(_stdlib_docstring_documents())
+    return tuple(doc for doc in documents if len(doc) >= MIN_DOCUMENT_CHARS)
+
+
+def _stdlib_docstring_documents() -> list[str]:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    documents = []
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            module = os.path.relpath(path, stdlib)[: -len(".py")].replace(os.sep, ".")
+            try:
+                with open(path, "rb") as file:
+                    tree = ast.parse(file.read())
+            except (SyntaxError, ValueError, OSError):  # a few stdlib files are templates
+                continue
+            documents.append(_module_document(module, tree))
+    return documents
+
+
+def _module_document(module: str, tree: ast.Module) -> str:
+    parts = [f"Module {module}"]
+    if docstring := ast.get_docstring(tree):
+        parts.append(docstring)
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if docstring := ast.get_docstring(node):
+                parts.append(f"{node.name}: {docstring}")
+            if isinstance(node, ast.ClassDef):
+                for member in node.body:
+                    if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                        doc := ast.get_docstring(member)
+                    ):
+                        parts.append(f"{node.name}.{member.name}: {doc}")
+    return "\n\n".join(parts)
+
+
+@functools.cache
+def web_noise() -> tuple[str, ...]:
+    """Noisy web-like documents, reproducible from NOISE_SEED."""
+    rng = random.Random(NOISE_SEED)
+    words = _vocabulary()
+    paragraphs = [p for doc in python_docs()[:200] for p in doc.split("\n\n") if 80 < len(p) < 600]
+    makers = [_navigation, _boilerplate, _markup, _mojibake, _numeric_table, _keyword_spam]
+    documents = []
+    for _ in range(NOISE_DOCUMENTS):
+        pieces = [maker(rng, words, paragraphs) for maker in rng.sample(makers, k=rng.randint(2, 4))]
+        if rng.random() < 0.5:  # real pages carry some real content between the debris
+            pieces.insert(rng.randint(0, len(pieces)), rng.choice(paragraphs))
+        documents.append("\n".join(pieces))
+    return tuple(documents)
+
+
+def _vocabulary() -> list[str]:
+    words = {w.strip(".,:;()[]'\"`").lower() for doc in python_docs()[:100] for w in doc.split()}
+    return sorted(w for w in words if w.isalpha() and 3 <= len(w) <= 12)
+
+
+_MENU_ITEMS = [
+    "Home",
+    "About",
+    "About Us",
+    "Products",
+    "Services",
+    "Blog",
+    "News",
+    "Contact",
+    "Login",
+    "Sign up",
+    "Cart (0)",
+    "FAQ",
+    "Support",
+    "Careers",
+    "Press",
+    "Shop",
+    "Deals",
+    "My Account",
+]
+_BOILERPLATE = [
+    "We use cookies to improve your experience. By continuing to browse you agree to our use of cookies."
+    " Accept | Decline",
+    "Copyright © {year} {site}. All rights reserved. Terms of Service | Privacy Policy | Sitemap",
+    "Subscribe to our newsletter! Enter your email address to get the latest deals and updates.",
+    "Share this: Facebook Twitter Pinterest LinkedIn Email Print",
+    "Click here to read more >>> Related posts: {a} | {b} | {c}",
+    "Posted by admin on {month} {day}, {year} | {n} comments | Filed under: {a}, {b}",
+    "JavaScript is disabled in your browser. Please enable JavaScript to view this page.",
+    "Advertisement - Continue reading below",
+]
+_TAGS = ["div", "span", "a", "li", "td", "p", "ul", "script", "style", "iframe"]
+
+
+def _navigation(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    lines = [" | ".join(rng.sample(_MENU_ITEMS, k=rng.randint(5, 10))) for _ in range(rng.randint(1, 3))]
+    crumbs = " > ".join(["Home"] + [rng.choice(words).title() for _ in range(rng.randint(2, 4))])
+    return "\n".join(lines + [crumbs])
+
+
+def _boilerplate(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    fields = dict(
+        year=rng.randint(1998, 2024),
+        site=rng.choice(words).title() + ".com",
+        month=rng.choice(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]),
+        day=rng.randint(1, 28),
+        n=rng.randint(0, 99),
+        a=rng.choice(words),
+        b=rng.choice(words),
+        c=rng.choice(words),
+    )
+    return "\n".join(rng.choice(_BOILERPLATE).format(**fields) for _ in range(rng.randint(2, 5)))
+
+
+def _markup(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    pieces = []
+    for _ in range(rng.randint(10, 40)):
+        tag = rng.choice(_TAGS)
+        attrs = f' class="col-{rng.randint(1, 12)} {rng.choice(words)}-{rng.randint(0, 999)}"'
+        if rng.random() < 0.3:
+            attrs += f' style="margin:{rng.randint(0, 20)}px;color:#{rng.randrange(16**6):06x}"'
+        inner = rng.choice(["&nbsp;", "&amp;", " ".join(rng.sample(words, k=rng.randint(1, 3))), "", "&raquo;"])
+        pieces.append(f"<{tag}{attrs}>{inner}</{tag}>" if rng.random() < 0.8 else f"<{tag}{attrs}>")
+    if rng.random() < 0.4:
+        pieces.append(
+            f"<script>var _gaq=_gaq||[];_gaq.push(['_setAccount','UA-{rng.randint(10**6, 10**7)}-1']);</script>"
+        )
+    return "".join(pieces)
+
+
+def _mojibake(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    text = rng.choice(paragraphs)
+    for plain, fancy in (("'", "\u2019"), (" - ", " \u2014 "), ('"', "\u201c"), ("e ", "\u00e9 ")):
+        text = text.replace(plain, fancy)
+    garbled = text.encode("utf-8").decode("cp1252", errors="replace")
+    cut = rng.randint(0, len(garbled) // 2)
+    return garbled[:cut] + "\ufffd" * rng.randint(1, 6) + garbled[cut:]
+
+
+def _numeric_table(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    columns = rng.randint(4, 9)
+    rows = [" | ".join(rng.choice(words).upper() for _ in range(columns))]
+    for _ in range(rng.randint(10, 60)):
+        cells = [
+            rng.choice(
+                [
+                    f"{rng.uniform(-1e4, 1e5):,.2f}",
+                    str(rng.randint(0, 10**6)),
+                    f"{rng.random():.4f}",
+                    f"{rng.randint(1990, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                ]
+            )
+            for _ in range(columns)
+        ]
+        rows.append(" | ".join(cells))
+    return "\n".join(rows)
+
+
+def _keyword_spam(rng: random.Random, words: list[str], paragraphs: list[str]) -> str:
+    keywords = rng.sample(words, k=rng.randint(3, 6))
+    phrases = [f"best {k} {rng.choice(['cheap', 'free', 'online', 'download', '2024', 'review'])}" for k in keywords]
+    return "Tags: " + ", ".join(rng.choice(phrases) for _ in range(rng.randint(20, 60)))
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], tuple[str, ...]]] = {
+    "python-docs": python_docs,
+    "web-noise": web_noise,
+}

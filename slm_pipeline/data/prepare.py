@@ -1,0 +1,492 @@
+"""`slm prepare`: a corpus → packed token rows in zstd Arrow shards, on Ray Data.
+
+    Ray Data (parallel)                     driver (sequential, cheap)
+    read units ──▶ tokenize (K actors) ──▶ ordered stream ──▶ Packer ──▶ shard files ──▶ manifest
+
+Reading and tokenizing, the expensive part, run as Ray tasks and actors; Ray Data's
+backpressure bounds the blocks in flight, so memory stays flat for a corpus larger than
+RAM. Packing is a prefix sum over the whole corpus (where a row starts depends on every
+earlier document), so the driver does it, over the stream Ray Data returns in corpus order
+(preserve_order). That makes the shards identical for any --workers.
+
+Resume: after each shard the driver writes a completion record with the shard's checksum,
+the stats it added and the corpus position where the next shard starts (unit, record,
+tokens of that record already packed). A re-run with the same inputs and options keeps the
+completed prefix and reads on from that position; anything else starts over. The dataset
+manifest is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm_pipeline import __version__
+from slm_pipeline.config import PrepareConfig
+from slm_pipeline.data.packing import PackedRow, Packer
+from slm_pipeline.data.readers import InputUnit, iter_records, resolve_inputs
+from slm_pipeline.data.shards import (
+    TOKENS_BATCH_TOKENS,
+    ShardInfo,
+    read_json,
+    remove_temporary_files,
+    shard_name,
+    tokens_table,
+    write_arrow_shard,
+    write_json,
+)
+from slm_pipeline.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
+from slm_pipeline.errors import SlmError, find_slm_error
+from slm_pipeline.schemas import FORMAT_VERSION, validate
+
+READ_BATCH_RECORDS = 512
+READ_BATCH_CHARS = 8 << 20
+SKIP_EXAMPLES_KEPT = 10
+PROGRESS_DIR = ".prepare"
+
+
+@dataclass
+class PrepareStats:
+    """Counts that merge by addition, so per-shard records sum to the dataset's totals."""
+
+    documents: int = 0
+    tokens: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    skip_examples: list[str] = field(default_factory=list)
+
+    def count_document(self, source: str, tokens: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        counts = self.sources.setdefault(source, {"documents": 0, "tokens": 0})
+        counts["documents"] += 1
+        counts["tokens"] += tokens
+
+    def count_skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skip_examples) < SKIP_EXAMPLES_KEPT:
+            self.skip_examples.append(message)
+
+    def merge(self, other: PrepareStats) -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        for source, counts in other.sources.items():
+            mine = self.sources.setdefault(source, {"documents": 0, "tokens": 0})
+            mine["documents"] += counts["documents"]
+            mine["tokens"] += counts["tokens"]
+        self.skipped.update(other.skipped)
+        self.skip_examples.extend(other.skip_examples[: SKIP_EXAMPLES_KEPT - len(self.skip_examples)])
+
+    def to_json(self) -> dict:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "sources": self.sources,
+            "skipped": dict(self.skipped),
+            "skip_examples": self.skip_examples,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> PrepareStats:
+        return cls(data["documents"], data["tokens"], data["sources"], Counter(data["skipped"]), data["skip_examples"])
+
+
+@dataclass
+class PrepareSummary:
+    """What `slm prepare` prints at the end."""
+
+    out: str
+    documents: int
+    tokens: int
+    rows: int
+    shards: int
+    bytes_on_disk: int
+    skipped: dict[str, int]
+    seconds: float
+    already_done: bool = False
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_on_disk / max(self.tokens, 1)
+
+    def lines(self) -> list[str]:
+        if self.already_done:
+            head = f"{self.out}: already prepared (same inputs and options); nothing to do"
+        else:
+            head = (
+                f"{self.out}: prepared in {self.seconds:.1f}s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s)"
+            )
+        lines = [
+            head,
+            f"  documents  {self.documents:,}",
+            f"  tokens     {self.tokens:,}",
+            f"  rows       {self.rows:,}",
+            f"  shards     {self.shards:,}",
+            f"  on disk    {self.bytes_on_disk:,} bytes = {self.bytes_per_token:.3f} bytes/token (raw int32: 4)",
+        ]
+        if self.skipped:
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(self.skipped.items()))
+            lines.append(f"  skipped    {sum(self.skipped.values()):,} records ({reasons})")
+        return lines
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where packing continues: record `record` of unit `unit`, after `tokens_done` of its tokens."""
+
+    unit: int = 0
+    record: int = 0
+    tokens_done: int = 0
+
+
+def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary:
+    """Run the prepare stage; returns its summary. Raises SlmError for bad input or options."""
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.tokenizer)
+    info = tokenizer_info(config.tokenizer, tokenizer)
+    units = resolve_inputs(config.inputs, config.text_field)
+    fingerprint = _fingerprint(config, info, units)
+    out = Path(config.out)
+    manifest_path = out / "manifest.json"
+
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        if manifest.get("fingerprint") == fingerprint:
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+            return _summary_from_manifest(config.out, manifest, time.perf_counter() - started)
+        if not config.overwrite:
+            raise SlmError(
+                f"{out}: holds a dataset prepared from other inputs or options; pass --overwrite to replace it"
+            )
+        manifest_path.unlink()
+        for derived in ("scores", "selections"):  # they describe the old tokens
+            shutil.rmtree(out / derived, ignore_errors=True)
+
+    journal = _Journal(out, fingerprint)
+    shards, stats, position = journal.resume()
+    writer = _ShardWriter(out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
+    packer = Packer(config.seq_len)
+    pending = PrepareStats()  # counts since the last completed shard
+
+    from tqdm import tqdm
+
+    progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress, initial=stats.tokens)
+    for batch in _tokenized_batches(units, position, config):
+        for key, source, token_ids, skip_reason, message in _records_of(batch):
+            if skip_reason is not None:
+                pending.count_skip(skip_reason, message)
+                continue
+            offset = position.tokens_done if key == (position.unit, position.record) else 0
+            if offset == 0:
+                pending.count_document(source, len(token_ids))
+            for row in packer.add(token_ids, source, key, offset):
+                if shard := writer.add(row):
+                    journal.record(shard, pending, Position(*row.end_position[0], row.end_position[1]))
+                    shards.append(shard)
+                    stats.merge(pending)
+                    pending = PrepareStats()
+            progress.update(len(token_ids) - offset)
+    progress.close()
+
+    stats.merge(pending)
+    if (last_row := packer.flush()) is not None and (shard := writer.add(last_row)):
+        shards.append(shard)
+    if shard := writer.close():
+        shards.append(shard)
+    if stats.documents == 0:
+        raise SlmError(
+            f"no documents to pack: all {sum(stats.skipped.values())} records were skipped ({dict(stats.skipped)})"
+        )
+
+    manifest = _manifest(config, info, fingerprint, shards, stats)
+    validate("dataset-manifest", manifest, str(manifest_path))
+    write_json(manifest_path, manifest)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+    return _summary_from_manifest(config.out, manifest, time.perf_counter() - started, already_done=False)
+
+
+def _records_of(batch) -> Iterator[tuple[tuple[int, int], str, np.ndarray | None, str | None, str | None]]:
+    """(key, source, token ids, skip reason, message) per record of a tokenized Arrow batch."""
+    token_lists = batch.column("token_ids").combine_chunks()
+    offsets = token_lists.offsets.to_numpy()
+    values = token_lists.values.to_numpy()
+    columns = zip(
+        batch.column("unit").to_pylist(),
+        batch.column("record").to_pylist(),
+        batch.column("source").to_pylist(),
+        batch.column("skip_reason").to_pylist(),
+        batch.column("message").to_pylist(),
+        strict=True,
+    )
+    for i, (unit, record, source, skip_reason, message) in enumerate(columns):
+        yield (unit, record), source, values[offsets[i] : offsets[i + 1]], skip_reason, message
+
+
+class _ShardWriter:
+    """Collects packed rows and writes a shard every `rows_per_shard` rows."""
+
+    def __init__(self, directory: Path, rows_per_shard: int, next_index: int, next_seq_id: int) -> None:
+        self.directory = directory
+        self.rows_per_shard = rows_per_shard
+        self.next_index = next_index
+        self.next_seq_id = next_seq_id
+        self.rows: list[PackedRow] = []
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: PackedRow) -> ShardInfo | None:
+        self.rows.append(row)
+        return self.close() if len(self.rows) == self.rows_per_shard else None
+
+    def close(self) -> ShardInfo | None:
+        """Write the rows collected so far as the next shard (None if there are none)."""
+        if not self.rows:
+            return None
+        table = tokens_table(
+            self.next_seq_id,
+            [row.input_ids for row in self.rows],
+            [row.segment_lengths for row in self.rows],
+            [row.source for row in self.rows],
+        )
+        name = shard_name(self.next_index)
+        seq_len = max(len(self.rows[0].input_ids), 1)
+        size, sha256 = write_arrow_shard(
+            self.directory / name, table, rows_per_batch=max(1, TOKENS_BATCH_TOKENS // seq_len)
+        )
+        shard = ShardInfo(name, len(self.rows), sum(len(row.input_ids) for row in self.rows), size, sha256)
+        self.next_index += 1
+        self.next_seq_id += len(self.rows)
+        self.rows = []
+        return shard
+
+
+class _Journal:
+    """Per-shard completion records under DATASET/.prepare/, for resuming an interrupted run."""
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.out = out
+        self.fingerprint = fingerprint
+        self.directory = out / PROGRESS_DIR
+
+    def resume(self) -> tuple[list[ShardInfo], PrepareStats, Position]:
+        """The completed shards an earlier run of the same job left, their stats, and where to go on.
+
+        Everything else under tokens/ (shards past the completed prefix, temporary files) is removed.
+        """
+        plan_path = self.directory / "plan.json"
+        if not (plan_path.exists() and read_json(plan_path).get("fingerprint") == self.fingerprint):
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+            write_json(plan_path, {"fingerprint": self.fingerprint})
+        shards, stats, position = [], PrepareStats(), Position()
+        tokens_dir = self.out / "tokens"
+        while (record_path := self.directory / f"{shard_name(len(shards))}.json").exists():
+            record = read_json(record_path)
+            shard = ShardInfo(**record["shard"])
+            shard_path = tokens_dir / shard.name
+            if not (shard_path.exists() and shard_path.stat().st_size == shard.bytes):
+                break
+            shards.append(shard)
+            stats.merge(PrepareStats.from_json(record["stats"]))
+            position = Position(**record["next"])
+        kept = {shard.name for shard in shards}
+        if tokens_dir.is_dir():
+            remove_temporary_files(tokens_dir)
+            for path in tokens_dir.glob("part-*.arrow"):
+                if path.name not in kept:
+                    path.unlink()
+        for path in self.directory.glob("part-*.json"):
+            if path.name.removesuffix(".json") not in kept:
+                path.unlink()
+        return shards, stats, position
+
+    def record(self, shard: ShardInfo, stats: PrepareStats, next_position: Position) -> None:
+        write_json(
+            self.directory / f"{shard.name}.json",
+            {"shard": dataclasses.asdict(shard), "stats": stats.to_json(), "next": dataclasses.asdict(next_position)},
+        )
+
+
+def _tokenized_batches(units: list[InputUnit], start: Position, config: PrepareConfig) -> Iterator:
+    """Tokenized records from `start` on, in corpus order, as Arrow tables (Ray Data)."""
+    import ray
+    import ray.data
+
+    from slm_pipeline.ray_runtime import init_ray
+
+    init_ray()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    tasks = [{"unit": i, "start": start.record if i == start.unit else 0} for i in range(start.unit, len(units))]
+    if not tasks:
+        return
+    dataset = _build_dataset(units, tasks, config)
+    last_key = (start.unit, start.record - 1)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            if batch.num_rows == 0:
+                continue
+            first_key = (batch.column("unit")[0].as_py(), batch.column("record")[0].as_py())
+            if first_key <= last_key:  # Ray Data reordered blocks: packing would silently differ
+                raise RuntimeError(f"Ray Data returned records out of order: {first_key} after {last_key}")
+            last_key = (batch.column("unit")[-1].as_py(), batch.column("record")[-1].as_py())
+            yield batch
+    except Exception as error:
+        if (cause := find_slm_error(error)) is not None:
+            raise cause from None
+        raise
+
+
+def _build_dataset(units: list[InputUnit], tasks: list[dict], config: PrepareConfig):
+    """read units (tasks, no CPU reserved) → tokenize (K actors, one CPU each)."""
+    import ray.data
+
+    read = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        _read_units,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"units": units, "text_field": config.text_field, "on_error": config.on_error},
+        # Parsing is cheap next to tokenizing; reserving no CPU keeps K tokenizer actors on K
+        # CPUs from starving the reads (a deadlock), and the pool size bounds open files.
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=config.workers),
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args such as max_restarts but has no named parameter for it yet.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return read.map_batches(
+            _Tokenize,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={"tokenizer_spec": config.tokenizer},
+            compute=ray.data.ActorPoolStrategy(size=config.workers),
+            num_cpus=1,
+            # A failed actor fails the run and the re-run resumes from the last shard; restartable
+            # actors would also make Ray log an error about their constructor arguments.
+            max_restarts=0,
+        )
+
+
+def _read_units(task, units: list[InputUnit], text_field: str, on_error: str) -> Iterator:
+    """Ray task: one unit's records as Arrow tables of up to READ_BATCH_RECORDS records."""
+    import pyarrow as pa
+
+    unit_index, start = task.column("unit")[0].as_py(), task.column("start")[0].as_py()
+    unit = units[unit_index]
+    columns: dict[str, list] = {"record": [], "text": [], "skip_reason": [], "message": []}
+    chars = 0
+
+    def flush():
+        n = len(columns["record"])
+        table = pa.table(
+            {
+                "unit": pa.array([unit_index] * n, pa.int32()),
+                "record": pa.array(columns["record"], pa.int64()),
+                "source": pa.array([unit.source] * n, pa.string()),
+                "text": pa.array(columns["text"], pa.large_string()),
+                "skip_reason": pa.array(columns["skip_reason"], pa.string()),
+                "message": pa.array(columns["message"], pa.string()),
+            }
+        )
+        for values in columns.values():
+            values.clear()
+        return table
+
+    for record in iter_records(unit, text_field, on_error, start):  # type: ignore[arg-type]
+        columns["record"].append(record.index)
+        columns["text"].append(record.text)
+        columns["skip_reason"].append(record.skip_reason)
+        columns["message"].append(record.message)
+        chars += len(record.text or "")
+        if len(columns["record"]) >= READ_BATCH_RECORDS or chars >= READ_BATCH_CHARS:
+            yield flush()
+            chars = 0
+    if columns["record"]:
+        yield flush()
+
+
+class _Tokenize:
+    """Ray actor: text → token ids without special tokens, EOS appended."""
+
+    def __init__(self, tokenizer_spec: str) -> None:
+        import os
+
+        # One actor, one core: --workers is then the real knob on parallelism.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.tokenizer = load_tokenizer(tokenizer_spec)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        texts = batch.column("text").to_pylist()
+        kept = [text for text in texts if text is not None]
+        encoded = iter(self.tokenizer(kept, add_special_tokens=False)["input_ids"] if kept else [])
+        token_ids = [[] if text is None else next(encoded) + [self.eos_id] for text in texts]
+        return batch.drop_columns(["text"]).append_column("token_ids", pa.array(token_ids, pa.list_(pa.int32())))
+
+
+def _fingerprint(config: PrepareConfig, info: TokenizerInfo, units: list[InputUnit]) -> str:
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": info.sha256,
+        "seq_len": config.seq_len,
+        "text_field": config.text_field,
+        "on_error": config.on_error,
+        "rows_per_shard": config.rows_per_shard,
+        "units": [dataclasses.asdict(unit) for unit in units],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest(
+    config: PrepareConfig, info: TokenizerInfo, fingerprint: str, shards: list[ShardInfo], stats: PrepareStats
+) -> dict:
+    return {
+        "kind": "dataset",
+        "format_version": FORMAT_VERSION,
+        "created_by": f"slm-pipeline {__version__}",
+        "tokenizer": dataclasses.asdict(info),
+        "vocab_size": info.vocab_size,
+        "eos_id": info.eos_id,
+        "seq_len": config.seq_len,
+        "documents": stats.documents,
+        "rows": sum(shard.rows for shard in shards),
+        "tokens": sum(shard.tokens for shard in shards),
+        "shards": [dataclasses.asdict(shard) for shard in shards],
+        "sources": stats.sources,
+        "skipped": {
+            "total": sum(stats.skipped.values()),
+            "by_reason": dict(sorted(stats.skipped.items())),
+            "examples": stats.skip_examples,
+        },
+        "options": {
+            "inputs": config.inputs,
+            "text_field": config.text_field,
+            "on_error": config.on_error,
+            "shard_tokens": config.shard_tokens,
+        },
+        "fingerprint": fingerprint,
+    }
+
+
+def _summary_from_manifest(out: str, manifest: dict, seconds: float, already_done: bool = True) -> PrepareSummary:
+    return PrepareSummary(
+        out=out,
+        documents=manifest["documents"],
+        tokens=manifest["tokens"],
+        rows=manifest["rows"],
+        shards=len(manifest["shards"]),
+        bytes_on_disk=sum(shard["bytes"] for shard in manifest["shards"]),
+        skipped=manifest["skipped"]["by_reason"],
+        seconds=seconds,
+        already_done=already_done,
+    )

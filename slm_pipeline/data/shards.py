@@ -1,0 +1,157 @@
+"""Shard IO: atomic files, zstd Arrow IPC shards, manifests.
+
+A file appears under its final name only when complete: it is written to a hidden
+temporary name in the same directory, fsynced and renamed (rename is atomic within a
+filesystem), and the directory is fsynced so that the rename survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slm_pipeline.errors import SlmError
+from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
+
+TEMP_MARKER = ".tmp-"
+TOKENS_BATCH_TOKENS = 1 << 20
+"""Tokens per Arrow record batch: the unit later stages read at a time (4 MiB of int32)."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.arrow"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path`."""
+    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_temporary_files(directory: Path) -> None:
+    """Remove what an interrupted writer left under temporary names."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(".") and TEMP_MARKER in path.name:
+                path.unlink(missing_ok=True)
+
+
+def write_json(path: Path, document: dict) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SlmError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A manifest's entry for one shard."""
+
+    name: str
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+def write_arrow_shard(path: Path, table, rows_per_batch: int) -> tuple[int, str]:
+    """Write `table` atomically as an Arrow IPC file with zstd buffers; returns (bytes, sha256)."""
+    import pyarrow as pa
+
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with atomic_path(path) as temporary:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+            writer.write_table(table, max_chunksize=max(1, rows_per_batch))
+        size, sha256 = temporary.stat().st_size, file_sha256(temporary)
+    return size, sha256
+
+
+def open_arrow_shard(path: Path, kind: str):
+    """A RecordBatchFileReader over a shard, after checking its schema and version."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SlmError(f"{path}: not a readable Arrow IPC file ({error})") from None
+    validate(f"{kind}-shard", describe_arrow_schema(reader.schema, kind), str(path))
+    return reader
+
+
+def tokens_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("segment_lengths", pa.list_(pa.int32())),
+            ("source", pa.string()),
+        ],
+        metadata={"slm_pipeline.kind": "tokens", "slm_pipeline.format_version": str(FORMAT_VERSION)},
+    )
+
+
+def tokens_table(
+    first_seq_id: int, input_ids: Sequence[np.ndarray], segment_lengths: Sequence[Sequence[int]], sources: Sequence[str]
+):
+    """A tokens shard's table from packed rows; checks the row invariants the schema cannot express."""
+    import pyarrow as pa
+
+    row_lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
+    segment_sums = np.fromiter(
+        (sum(lengths) for lengths in segment_lengths), dtype=np.int64, count=len(segment_lengths)
+    )
+    if not np.array_equal(row_lengths, segment_sums) or any(min(lengths, default=0) < 1 for lengths in segment_lengths):
+        raise AssertionError("packed rows and their segment lengths disagree")
+    offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
+    flat_ids = np.concatenate(input_ids).astype(np.int32, copy=False) if input_ids else np.zeros(0, np.int32)
+    segment_counts = [len(lengths) for lengths in segment_lengths]
+    segment_offsets = np.concatenate([[0], np.cumsum(segment_counts)]).astype(np.int32)
+    flat_segments = np.fromiter((n for lengths in segment_lengths for n in lengths), dtype=np.int32)
+    return pa.table(
+        [
+            pa.array(np.arange(first_seq_id, first_seq_id + len(input_ids), dtype=np.int64)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids)),
+            pa.ListArray.from_arrays(pa.array(segment_offsets), pa.array(flat_segments)),
+            pa.array(list(sources), type=pa.string()),
+        ],
+        schema=tokens_schema(),
+    )

@@ -1,0 +1,33 @@
+"""Errors that reach the user as one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class SlmError(Exception):
+    """A problem the user can fix; the CLI prints the message alone, without a traceback."""
+
+
+class InputError(SlmError):
+    """A bad input record or file; the message names the file and the line or row."""
+
+    def __init__(self, message: str, reason: str = "bad_input") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def find_slm_error(error: BaseException) -> SlmError | None:
+    """The SlmError behind `error`, unwrapping what Ray adds around exceptions raised in tasks."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SlmError):
+            # Ray's RayTaskError(InputError) subclasses InputError but its str() is a traceback;
+            # the original exception is its `.cause`.
+            cause = getattr(current, "cause", None)
+            return cause if isinstance(cause, SlmError) else current
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return None

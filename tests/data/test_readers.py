@@ -1,0 +1,206 @@
+"""Each reader yields the documents of its format in order; each bad input gets a message naming file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from slm_pipeline.data.readers import iter_records, resolve_inputs
+from slm_pipeline.errors import InputError
+
+
+def texts(specs, on_error="fail", text_field="text"):
+    return [
+        (unit.source, record.index, record.text, record.skip_reason)
+        for unit in resolve_inputs([str(s) for s in specs], text_field)
+        for record in iter_records(unit, text_field, on_error)
+    ]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_jsonl_lines_in_order_with_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "first"}, {"text": "second", "id": 2}])
+    with open(path, "a") as file:
+        file.write("\n" + json.dumps({"text": "after a blank line"}) + "\n")
+    assert texts([path]) == [
+        (str(path), 1, "first", None),
+        (str(path), 2, "second", None),
+        (str(path), 4, "after a blank line", None),
+    ]
+
+
+def test_jsonl_zst_is_streamed_across_frames(tmp_path):
+    path = tmp_path / "a.jsonl.zst"
+    lines = [json.dumps({"body": f"document number {i}"}).encode() + b"\n" for i in range(3000)]
+    compressor = zstandard.ZstdCompressor()
+    # Two frames back to back, as concatenated .zst files are.
+    path.write_bytes(compressor.compress(b"".join(lines[:1000])) + compressor.compress(b"".join(lines[1000:])))
+    records = texts([path], text_field="body")
+    assert [r[2] for r in records] == [f"document number {i}" for i in range(3000)]
+    assert records[-1][1] == 3000
+
+
+def test_parquet_rows(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["one", "two", "three"], "n": [1, 2, 3]}), path, row_group_size=2)
+    assert texts([path]) == [(str(path), i, t, None) for i, t in enumerate(["one", "two", "three"])]
+
+
+def test_txt_file_is_one_document(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("line one\nline two\n")
+    assert texts([path]) == [(str(path), 0, "line one\nline two\n", None)]
+
+
+def test_directory_is_read_in_sorted_order_and_inputs_in_given_order(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    write_jsonl(corpus / "b" / "z.jsonl", [{"text": "b/z"}])
+    write_jsonl(corpus / "a.jsonl", [{"text": "a"}])
+    (corpus / "c.txt").write_text("c")
+    (corpus / "README.md").write_text("not a corpus file")
+    (corpus / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": "extra"}])
+    assert [r[2] for r in texts([extra, corpus])] == ["extra", "a", "b/z", "c"]
+
+
+def test_glob_matches_sorted(tmp_path):
+    for name in ["2.jsonl", "10.jsonl", "1.jsonl"]:
+        write_jsonl(tmp_path / name, [{"text": name}])
+    assert [r[2] for r in texts([tmp_path / "*.jsonl"])] == ["1.jsonl", "10.jsonl", "2.jsonl"]
+
+
+def test_hf_dataset_from_save_to_disk_and_from_a_local_data_directory(tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"content": ["alpha", "beta", "gamma"]}).save_to_disk(str(saved))
+    assert [r[2] for r in texts([f"hf:{saved}"], text_field="content")] == ["alpha", "beta", "gamma"]
+
+    data_dir = tmp_path / "hub_style"
+    data_dir.mkdir()
+    pq.write_table(pa.table({"text": ["x", "y"]}), data_dir / "train.parquet")
+    records = texts([f"hf:{data_dir}::train"])
+    assert [(r[0], r[1], r[2]) for r in records] == [(f"hf:{data_dir}::train", 0, "x"), (f"hf:{data_dir}::train", 1, "y")]
+
+
+def test_builtin_corpora_are_real_text_and_reproducible():
+    from slm_pipeline.data.embedded import python_docs, web_noise
+
+    clean = texts(["builtin:python-docs"])
+    assert len(clean) > 300 and clean[0][0] == "builtin:python-docs"
+    assert any("assignment statement" in r[2].lower() for r in clean)  # the pydoc topic on assignment
+    noisy = [r[2] for r in texts(["builtin:web-noise"])]
+    assert any("All rights reserved" in t for t in noisy) and any("<div" in t for t in noisy)
+    python_docs.cache_clear(), web_noise.cache_clear()
+    assert noisy == list(web_noise())
+
+
+def test_resume_skips_records_before_start_index(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(10)])
+    unit = resolve_inputs([str(path)])[0]
+    assert [r.text for r in iter_records(unit, "text", "fail", start_index=8)] == ["doc 7", "doc 8", "doc 9"]
+
+
+# Bad input: each gets a message naming the file and line, or a counted skip.
+
+
+def bad_jsonl(tmp_path: Path, bad_line: bytes) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "good"}\n' + bad_line + b"\n" + b'{"text": "also good"}\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason", "message"),
+    [
+        (b'{"text": "unterminated', "malformed_json", "bad.jsonl:2: malformed JSON"),
+        (b'{"title": "no text here"}', "missing_text_field", "bad.jsonl:2: missing text field"),
+        (b'{"text": 42}', "text_not_string", "bad.jsonl:2: field 'text' is int, not a string"),
+        (b'{"text": "caf\xe9"}', "invalid_utf8", "bad.jsonl:2: invalid UTF-8 at byte 14"),
+        (b'{"text": "  "}', "empty_document", "bad.jsonl:2: empty document"),
+        (b'["a", "list"]', "malformed_json", "bad.jsonl:2: expected a JSON object, got list"),
+    ],
+)
+def test_bad_jsonl_record_fails_with_file_and_line_or_is_skipped(tmp_path, bad_line, reason, message):
+    path = bad_jsonl(tmp_path, bad_line)
+    with pytest.raises(InputError, match=message) as raised:
+        texts([path])
+    assert raised.value.reason == reason
+    assert texts([path], on_error="skip") == [
+        (str(path), 1, "good", None),
+        (str(path), 2, None, reason),
+        (str(path), 3, "also good", None),
+    ]
+
+
+def test_truncated_zst_fails_or_keeps_the_complete_lines(tmp_path):
+    path = tmp_path / "cut.jsonl.zst"
+    data = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(2000))
+    compressed = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.zst: truncated zstd stream after line \d+"):
+        texts([path])
+    skipped = texts([path], on_error="skip")
+    assert skipped[-1][3] == "truncated_file"
+    complete = [r[2] for r in skipped[:-1]]
+    assert 0 < len(complete) < 2000 and complete == [f"document {i} " * 20 for i in range(len(complete))]
+
+
+def test_not_zstd_at_all(tmp_path):
+    path = tmp_path / "plain.jsonl.zst"
+    path.write_bytes(b'{"text": "not compressed"}\n')
+    with pytest.raises(InputError, match="plain.jsonl.zst: not a valid zstd stream"):
+        texts([path])
+
+
+def test_txt_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"fine\nstill fine\nbroken \xff here\n")
+    with pytest.raises(InputError, match=r"a\.txt:3: invalid UTF-8"):
+        texts([path])
+
+
+def test_empty_txt_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    with pytest.raises(InputError, match="empty.txt: empty document"):
+        texts([path])
+
+
+def test_missing_file_directory_and_glob(tmp_path):
+    with pytest.raises(InputError, match="nope.jsonl: no such file or directory"):
+        resolve_inputs([str(tmp_path / "nope.jsonl")])
+    with pytest.raises(InputError, match="the pattern matches no file"):
+        resolve_inputs([str(tmp_path / "*.parquet")])
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(InputError, match="empty_dir: the directory holds no"):
+        resolve_inputs([str(tmp_path / "empty_dir")])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(InputError, match="notes.md: unsupported file type"):
+        resolve_inputs([str(tmp_path / "notes.md")])
+
+
+def test_unreadable_file(tmp_path):
+    # Reading /proc/self/mem from offset 0 fails with EIO, even for root (whom chmod 000 does not stop).
+    path = tmp_path / "unreadable.jsonl"
+    os.symlink("/proc/self/mem", path)
+    with pytest.raises(InputError, match=r"unreadable.jsonl: cannot read \(Input/output error\)"):
+        texts([path])
+
+
+def test_parquet_without_the_text_column(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), path)
+    with pytest.raises(InputError, match=r"a.parquet: no column 'text' \(columns: body\)"):
+        resolve_inputs([str(path)])
