@@ -6,6 +6,14 @@ from __future__ import annotations
 class SlmError(Exception):
     """A problem the user can fix; the CLI prints the message alone, without a traceback."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # Ray appends retry advice to the args of exceptions that cross a task boundary.
+        return self.message
+
 
 class InputError(SlmError):
     """A bad input record or file; the message names the file and the line or row."""

@@ -46,7 +46,7 @@ from slm_pipeline.data.shards import (
     write_json,
 )
 from slm_pipeline.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
-from slm_pipeline.errors import SlmError, find_slm_error
+from slm_pipeline.errors import InputError, SlmError, find_slm_error
 from slm_pipeline.schemas import FORMAT_VERSION, validate
 
 READ_BATCH_RECORDS = 512
@@ -184,6 +184,8 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     for batch in _tokenized_batches(units, position, config):
         for key, source, token_ids, skip_reason, message in _records_of(batch):
             if skip_reason is not None:
+                if config.on_error == "fail":
+                    raise InputError(message, skip_reason)
                 pending.count_skip(skip_reason, message)
                 continue
             offset = position.tokens_done if key == (position.unit, position.record) else 0
@@ -353,7 +355,7 @@ def _build_dataset(units: list[InputUnit], tasks: list[dict], config: PrepareCon
         _read_units,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"units": units, "text_field": config.text_field, "on_error": config.on_error},
+        fn_kwargs={"units": units, "text_field": config.text_field},
         # Parsing is cheap next to tokenizing; reserving no CPU keeps K tokenizer actors on K
         # CPUs from starving the reads (a deadlock), and the pool size bounds open files.
         num_cpus=0,
@@ -375,7 +377,7 @@ def _build_dataset(units: list[InputUnit], tasks: list[dict], config: PrepareCon
         )
 
 
-def _read_units(task, units: list[InputUnit], text_field: str, on_error: str) -> Iterator:
+def _read_units(task, units: list[InputUnit], text_field: str) -> Iterator:
     """Ray task: one unit's records as Arrow tables of up to READ_BATCH_RECORDS records."""
     import pyarrow as pa
 
@@ -400,7 +402,7 @@ def _read_units(task, units: list[InputUnit], text_field: str, on_error: str) ->
             values.clear()
         return table
 
-    for record in iter_records(unit, text_field, on_error, start):  # type: ignore[arg-type]
+    for record in iter_records(unit, text_field, start):
         columns["record"].append(record.index)
         columns["text"].append(record.text)
         columns["skip_reason"].append(record.skip_reason)

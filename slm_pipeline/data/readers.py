@@ -14,17 +14,15 @@ import os
 import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 from slm_pipeline.errors import InputError
-
-OnError = Literal["fail", "skip"]
 
 FILE_FORMATS = (".jsonl.zst", ".jsonl", ".parquet", ".txt")
 HF_PREFIX = "hf:"
 BUILTIN_PREFIX = "builtin:"
 HF_ROWS_PER_UNIT = 50_000
 _READ_CHUNK_BYTES = 1 << 20
+_STRING_TYPES = ("string", "large_string")
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,11 @@ class InputUnit:
 
 @dataclass(frozen=True)
 class Record:
-    """One document, or the reason it was skipped (text is None then)."""
+    """One document, or a bad record: text None, a reason and a message naming file and line.
+
+    Readers never raise for a bad record; the stage decides (fail at the first one in corpus
+    order, or count and skip), so the error a user sees does not depend on parallelism.
+    """
 
     index: int
     """1-based line number for line-oriented files, 0-based row for tables, 0 for a .txt file."""
@@ -114,6 +116,9 @@ def _file_unit(path: str, text_field: str) -> InputUnit:
             raise InputError(f"{path}: not a readable Parquet file ({error})") from None
         if text_field not in names:
             raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})", "missing_text_field")
+        column_type = pq.ParquetFile(path).schema_arrow.field(text_field).type
+        if str(column_type) not in _STRING_TYPES:
+            raise InputError(f"{path}: column {text_field!r} has type {column_type}, not string", "text_not_string")
     stat = os.stat(path)
     return InputUnit(fmt, path, path, f"{stat.st_size}:{stat.st_mtime_ns}")
 
@@ -147,9 +152,11 @@ def _hf_units(spec: str, text_field: str) -> list[InputUnit]:
     except Exception as error:  # datasets raises many types; the user needs the message
         raise InputError(f"{spec}: could not load the dataset ({type(error).__name__}: {error})") from None
     if text_field not in dataset.column_names:
-        raise InputError(
-            f"{spec}: no column {text_field!r} (columns: {', '.join(dataset.column_names)})", "missing_text_field"
-        )
+        columns = ", ".join(dataset.column_names)
+        raise InputError(f"{spec}: no column {text_field!r} (columns: {columns})", "missing_text_field")
+    column_type = getattr(dataset.features[text_field], "dtype", type(dataset.features[text_field]).__name__)
+    if column_type not in _STRING_TYPES:
+        raise InputError(f"{spec}: column {text_field!r} has type {column_type}, not string", "text_not_string")
     return [
         InputUnit(
             "hf", name, spec, dataset._fingerprint, config, split, (start, min(start + HF_ROWS_PER_UNIT, len(dataset)))
@@ -158,7 +165,7 @@ def _hf_units(spec: str, text_field: str) -> list[InputUnit]:
     ]
 
 
-def iter_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int = 0) -> Iterator[Record]:
+def iter_records(unit: InputUnit, text_field: str, start_index: int = 0) -> Iterator[Record]:
     """The unit's records in order, from record `start_index` on (records before it are not parsed)."""
     readers = {
         "jsonl": _jsonl_records,
@@ -169,72 +176,51 @@ def iter_records(unit: InputUnit, text_field: str, on_error: OnError, start_inde
         "builtin": _builtin_records,
     }
     try:
-        yield from readers[unit.kind](unit, text_field, on_error, start_index)
+        yield from readers[unit.kind](unit, text_field, start_index)
     except OSError as error:
-        raise InputError(f"{unit.path}: cannot read ({error.strerror or error})") from None
+        yield Record(start_index, None, "unreadable_file", f"{unit.path}: cannot read ({error.strerror or error})")
 
 
-def _checked(text: str | None, location: str, index: int, on_error: OnError) -> Record:
+def _checked(text: str | None, location: str, index: int) -> Record:
     if text is None:
-        return _reject(on_error, index, "missing_text_field", f"{location}: missing text field")
+        return Record(index, None, "missing_text_field", f"{location}: missing text field")
     if not text.strip():
-        return _reject(on_error, index, "empty_document", f"{location}: empty document")
+        return Record(index, None, "empty_document", f"{location}: empty document")
     return Record(index, text)
 
 
-def _reject(on_error: OnError, index: int, reason: str, message: str) -> Record:
-    if on_error == "fail":
-        raise InputError(message, reason)
-    return Record(index, None, reason, message)
-
-
-def _jsonl_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int) -> Iterator[Record]:
+def _jsonl_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
     lines = iter_zstd_lines(unit.path) if unit.kind == "jsonl.zst" else _iter_file_lines(unit.path)
     line_number = 0
     try:
         for line_number, raw in enumerate(lines, start=1):
-            if line_number < start_index or not raw.strip():
-                continue
-            location = f"{unit.path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield _reject(
-                    on_error, line_number, "invalid_utf8", f"{location}: invalid UTF-8 at byte {error.start + 1}"
-                )
-                continue
-            try:
-                document = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield _reject(
-                    on_error,
-                    line_number,
-                    "malformed_json",
-                    f"{location}: malformed JSON ({error.msg}, column {error.colno})",
-                )
-                continue
-            if not isinstance(document, dict):
-                yield _reject(
-                    on_error,
-                    line_number,
-                    "malformed_json",
-                    f"{location}: expected a JSON object, got {type(document).__name__}",
-                )
-                continue
-            text = document.get(text_field)
-            if text is not None and not isinstance(text, str):
-                yield _reject(
-                    on_error,
-                    line_number,
-                    "text_not_string",
-                    f"{location}: field {text_field!r} is {type(text).__name__}, not a string",
-                )
-                continue
-            yield _checked(text, location, line_number, on_error)
+            if line_number >= start_index and raw.strip():
+                yield _json_line_record(raw, f"{unit.path}:{line_number}", line_number, text_field)
     except TruncatedZstdError:
-        yield _reject(
-            on_error, line_number + 1, "truncated_file", f"{unit.path}: truncated zstd stream after line {line_number}"
+        yield Record(
+            line_number + 1, None, "truncated_file", f"{unit.path}: truncated zstd stream after line {line_number}"
         )
+    except NotZstdError as error:
+        yield Record(line_number + 1, None, "bad_file", str(error))
+
+
+def _json_line_record(raw: bytes, location: str, line_number: int, text_field: str) -> Record:
+    try:
+        document = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return Record(line_number, None, "invalid_utf8", f"{location}: invalid UTF-8 at column {error.start + 1}")
+    except json.JSONDecodeError as error:
+        return Record(
+            line_number, None, "malformed_json", f"{location}: malformed JSON ({error.msg}, column {error.colno})"
+        )
+    if not isinstance(document, dict):
+        message = f"{location}: expected a JSON object, got {type(document).__name__}"
+        return Record(line_number, None, "malformed_json", message)
+    text = document.get(text_field)
+    if text is not None and not isinstance(text, str):
+        message = f"{location}: field {text_field!r} is {type(text).__name__}, not a string"
+        return Record(line_number, None, "text_not_string", message)
+    return _checked(text, location, line_number)
 
 
 def _iter_file_lines(path: str) -> Iterator[bytes]:
@@ -244,6 +230,10 @@ def _iter_file_lines(path: str) -> Iterator[bytes]:
 
 class TruncatedZstdError(Exception):
     """The compressed stream ended inside a frame."""
+
+
+class NotZstdError(Exception):
+    """The bytes are not a zstd stream."""
 
 
 def iter_zstd_lines(path: str) -> Iterator[bytes]:
@@ -263,7 +253,7 @@ def iter_zstd_lines(path: str) -> Iterator[bytes]:
                 try:
                     pending += frame.decompress(chunk)
                 except zstandard.ZstdError as error:
-                    raise InputError(f"{path}: not a valid zstd stream ({error})", "bad_file") from None
+                    raise NotZstdError(f"{path}: not a valid zstd stream ({error})") from None
                 frame_fed = True
                 chunk = b""
                 if frame.eof:  # a file may hold several frames back to back
@@ -277,7 +267,7 @@ def iter_zstd_lines(path: str) -> Iterator[bytes]:
         yield pending
 
 
-def _txt_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int) -> Iterator[Record]:
+def _txt_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
     if start_index > 0:
         return
     with open(unit.path, "rb") as file:
@@ -286,45 +276,33 @@ def _txt_records(unit: InputUnit, text_field: str, on_error: OnError, start_inde
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        yield _reject(
-            on_error, 0, "invalid_utf8", f"{unit.path}:{line}: invalid UTF-8 at byte {error.start + 1} of the file"
-        )
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        yield Record(0, None, "invalid_utf8", f"{unit.path}:{line}: invalid UTF-8 at column {column}")
         return
-    yield _checked(text, unit.path, 0, on_error)
+    yield _checked(text, unit.path, 0)
 
 
-def _parquet_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int) -> Iterator[Record]:
+def _parquet_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     row = 0
     for batch in pq.ParquetFile(unit.path).iter_batches(columns=[text_field], batch_size=1024):
-        column = batch.column(0)
-        if not (column.type.equals("string") or column.type.equals("large_string")):
-            raise InputError(
-                f"{unit.path}: column {text_field!r} has type {column.type}, not string", "text_not_string"
-            )
-        for text in column.to_pylist():
+        for text in batch.column(0).to_pylist():
             if row >= start_index:
-                yield _checked(text, f"{unit.path} row {row}", row, on_error)
+                yield _checked(text, f"{unit.path} row {row}", row)
             row += 1
 
 
-def _hf_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int) -> Iterator[Record]:
+def _hf_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
     assert unit.hf_rows is not None and unit.hf_split is not None
     dataset = load_hf_dataset(unit.path, unit.hf_config, unit.hf_split)
     first, end = max(unit.hf_rows[0], start_index), unit.hf_rows[1]
     rows = dataset.select(range(first, end)).select_columns([text_field])
     for row, example in enumerate(rows, start=first):
-        text = example[text_field]
-        if text is not None and not isinstance(text, str):
-            yield _reject(
-                on_error, row, "text_not_string", f"{unit.source} row {row}: field {text_field!r} is not a string"
-            )
-            continue
-        yield _checked(text, f"{unit.source} row {row}", row, on_error)
+        yield _checked(example[text_field], f"{unit.source} row {row}", row)
 
 
-def _builtin_records(unit: InputUnit, text_field: str, on_error: OnError, start_index: int) -> Iterator[Record]:
+def _builtin_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
     from slm_pipeline.data.embedded import BUILTIN_CORPORA
 
     for index, text in enumerate(BUILTIN_CORPORA[unit.path]()):

@@ -15,12 +15,20 @@ from slm_pipeline.data.readers import iter_records, resolve_inputs
 from slm_pipeline.errors import InputError
 
 
-def texts(specs, on_error="fail", text_field="text"):
+def records(specs, text_field="text"):
     return [
-        (unit.source, record.index, record.text, record.skip_reason)
+        (unit, record)
         for unit in resolve_inputs([str(s) for s in specs], text_field)
-        for record in iter_records(unit, text_field, on_error)
+        for record in iter_records(unit, text_field)
     ]
+
+
+def texts(specs, text_field="text"):
+    return [(unit.source, r.index, r.text, r.skip_reason) for unit, r in records(specs, text_field)]
+
+
+def bad_messages(specs):
+    return [r.message for _, r in records(specs) if r.skip_reason is not None]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -91,7 +99,10 @@ def test_hf_dataset_from_save_to_disk_and_from_a_local_data_directory(tmp_path):
     data_dir.mkdir()
     pq.write_table(pa.table({"text": ["x", "y"]}), data_dir / "train.parquet")
     records = texts([f"hf:{data_dir}::train"])
-    assert [(r[0], r[1], r[2]) for r in records] == [(f"hf:{data_dir}::train", 0, "x"), (f"hf:{data_dir}::train", 1, "y")]
+    assert [(r[0], r[1], r[2]) for r in records] == [
+        (f"hf:{data_dir}::train", 0, "x"),
+        (f"hf:{data_dir}::train", 1, "y"),
+    ]
 
 
 def test_builtin_corpora_are_real_text_and_reproducible():
@@ -109,10 +120,10 @@ def test_builtin_corpora_are_real_text_and_reproducible():
 def test_resume_skips_records_before_start_index(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(10)])
     unit = resolve_inputs([str(path)])[0]
-    assert [r.text for r in iter_records(unit, "text", "fail", start_index=8)] == ["doc 7", "doc 8", "doc 9"]
+    assert [r.text for r in iter_records(unit, "text", start_index=8)] == ["doc 7", "doc 8", "doc 9"]
 
 
-# Bad input: each gets a message naming the file and line, or a counted skip.
+# Bad input: readers report each bad record with a message naming the file and line; the stage decides.
 
 
 def bad_jsonl(tmp_path: Path, bad_line: bytes) -> Path:
@@ -124,58 +135,58 @@ def bad_jsonl(tmp_path: Path, bad_line: bytes) -> Path:
 @pytest.mark.parametrize(
     ("bad_line", "reason", "message"),
     [
-        (b'{"text": "unterminated', "malformed_json", "bad.jsonl:2: malformed JSON"),
+        (
+            b'{"text": "unterminated',
+            "malformed_json",
+            "bad.jsonl:2: malformed JSON (Unterminated string starting at, column 10)",
+        ),
         (b'{"title": "no text here"}', "missing_text_field", "bad.jsonl:2: missing text field"),
         (b'{"text": 42}', "text_not_string", "bad.jsonl:2: field 'text' is int, not a string"),
-        (b'{"text": "caf\xe9"}', "invalid_utf8", "bad.jsonl:2: invalid UTF-8 at byte 14"),
+        (b'{"text": "caf\xe9"}', "invalid_utf8", "bad.jsonl:2: invalid UTF-8 at column 14"),
         (b'{"text": "  "}', "empty_document", "bad.jsonl:2: empty document"),
         (b'["a", "list"]', "malformed_json", "bad.jsonl:2: expected a JSON object, got list"),
     ],
 )
-def test_bad_jsonl_record_fails_with_file_and_line_or_is_skipped(tmp_path, bad_line, reason, message):
+def test_bad_jsonl_record_is_reported_with_file_and_line(tmp_path, bad_line, reason, message):
     path = bad_jsonl(tmp_path, bad_line)
-    with pytest.raises(InputError, match=message) as raised:
-        texts([path])
-    assert raised.value.reason == reason
-    assert texts([path], on_error="skip") == [
+    assert texts([path]) == [
         (str(path), 1, "good", None),
         (str(path), 2, None, reason),
         (str(path), 3, "also good", None),
     ]
+    assert bad_messages([path]) == [f"{tmp_path}/{message}"]
 
 
-def test_truncated_zst_fails_or_keeps_the_complete_lines(tmp_path):
+def test_truncated_zst_keeps_the_complete_lines_then_reports(tmp_path):
     path = tmp_path / "cut.jsonl.zst"
     data = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(2000))
     compressed = zstandard.ZstdCompressor().compress(data)
     path.write_bytes(compressed[: len(compressed) // 2])
-    with pytest.raises(InputError, match=r"cut\.jsonl\.zst: truncated zstd stream after line \d+"):
-        texts([path])
-    skipped = texts([path], on_error="skip")
-    assert skipped[-1][3] == "truncated_file"
-    complete = [r[2] for r in skipped[:-1]]
+    found = texts([path])
+    assert found[-1][3] == "truncated_file"
+    assert bad_messages([path]) == [f"{path}: truncated zstd stream after line {len(found) - 1}"]
+    complete = [r[2] for r in found[:-1]]
     assert 0 < len(complete) < 2000 and complete == [f"document {i} " * 20 for i in range(len(complete))]
 
 
 def test_not_zstd_at_all(tmp_path):
     path = tmp_path / "plain.jsonl.zst"
     path.write_bytes(b'{"text": "not compressed"}\n')
-    with pytest.raises(InputError, match="plain.jsonl.zst: not a valid zstd stream"):
-        texts([path])
+    [message] = bad_messages([path])
+    assert message.startswith(f"{path}: not a valid zstd stream")
 
 
 def test_txt_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"fine\nstill fine\nbroken \xff here\n")
-    with pytest.raises(InputError, match=r"a\.txt:3: invalid UTF-8"):
-        texts([path])
+    assert bad_messages([path]) == [f"{path}:3: invalid UTF-8 at column 8"]
 
 
 def test_empty_txt_file(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("")
-    with pytest.raises(InputError, match="empty.txt: empty document"):
-        texts([path])
+    assert texts([path]) == [(str(path), 0, None, "empty_document")]
+    assert bad_messages([path]) == [f"{path}: empty document"]
 
 
 def test_missing_file_directory_and_glob(tmp_path):
@@ -195,12 +206,14 @@ def test_unreadable_file(tmp_path):
     # Reading /proc/self/mem from offset 0 fails with EIO, even for root (whom chmod 000 does not stop).
     path = tmp_path / "unreadable.jsonl"
     os.symlink("/proc/self/mem", path)
-    with pytest.raises(InputError, match=r"unreadable.jsonl: cannot read \(Input/output error\)"):
-        texts([path])
+    assert texts([path]) == [(str(path), 0, None, "unreadable_file")]
+    assert bad_messages([path]) == [f"{path}: cannot read (Input/output error)"]
 
 
-def test_parquet_without_the_text_column(tmp_path):
+def test_parquet_without_a_text_column(tmp_path):
     path = tmp_path / "a.parquet"
-    pq.write_table(pa.table({"body": ["x"]}), path)
-    with pytest.raises(InputError, match=r"a.parquet: no column 'text' \(columns: body\)"):
+    pq.write_table(pa.table({"body": ["x"], "text": [1]}), path)
+    with pytest.raises(InputError, match=r"a.parquet: no column 'content' \(columns: body, text\)"):
+        resolve_inputs([str(path)], text_field="content")
+    with pytest.raises(InputError, match="a.parquet: column 'text' has type int64, not string"):
         resolve_inputs([str(path)])
