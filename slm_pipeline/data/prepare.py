@@ -262,7 +262,7 @@ class _ShardWriter:
         name = shard_name(self.next_index)
         seq_len = max(len(self.rows[0].input_ids), 1)
         size, sha256 = write_arrow_shard(
-            self.directory / name, table, rows_per_batch=max(1, TOKENS_BATCH_TOKENS // seq_len)
+            self.directory / name, table, "tokens", rows_per_batch=max(1, TOKENS_BATCH_TOKENS // seq_len)
         )
         shard = ShardInfo(name, len(self.rows), sum(len(row.input_ids) for row in self.rows), size, sha256)
         self.next_index += 1

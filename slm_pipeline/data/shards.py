@@ -91,10 +91,12 @@ class ShardInfo:
     sha256: str
 
 
-def write_arrow_shard(path: Path, table, rows_per_batch: int) -> tuple[int, str]:
-    """Write `table` atomically as an Arrow IPC file with zstd buffers; returns (bytes, sha256)."""
+def write_arrow_shard(path: Path, table, kind: str, rows_per_batch: int) -> tuple[int, str]:
+    """Validate `table` against schemas/KIND-shard and write it atomically as an Arrow IPC file
+    with zstd buffers; returns (bytes, sha256)."""
     import pyarrow as pa
 
+    validate(f"{kind}-shard", describe_arrow_schema(table.schema, kind), str(path))
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with atomic_path(path) as temporary:
         with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
