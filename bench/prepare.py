@@ -41,23 +41,37 @@ def write_corpus(directory: Path, repeat: int) -> int:
 
 
 class PeakMemory:
-    """Peak total RSS of this process and every Ray worker, sampled in a thread."""
+    """Peak memory of this process and every Ray worker, sampled in a thread.
+
+    `peak_rss` counts pages of Ray's shared-memory object store in every process that maps
+    them; `peak_private` (RSS − shared) leaves them out, since the object store has a fixed
+    capacity whatever the corpus size.
+    """
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
-        self.peak_bytes = 0
+        self.peak_rss = 0
+        self.peak_private = 0
+        self.peak_driver_private = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            total = 0
-            for process in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+            rss = private = 0
+            for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
                 cmdline = " ".join(process.info["cmdline"] or [])
-                if process.info["pid"] == me or cmdline.startswith("ray::") or "default_worker.py" in cmdline:
-                    total += process.info["memory_info"].rss if process.info["memory_info"] else 0
-            self.peak_bytes = max(self.peak_bytes, total)
+                memory = process.info["memory_info"]
+                if memory and (
+                    process.info["pid"] == me or cmdline.startswith("ray::") or "default_worker.py" in cmdline
+                ):
+                    rss += memory.rss
+                    private += memory.rss - memory.shared
+                    if process.info["pid"] == me:
+                        self.peak_driver_private = max(self.peak_driver_private, memory.rss - memory.shared)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_private = max(self.peak_private, private)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
@@ -74,12 +88,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, action="append", help="corpus copies (repeatable); default 4")
     parser.add_argument("--workers", type=int, action="append", help="worker counts (repeatable); default 1 and 2")
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--shard-tokens", type=int, default=1 << 25)
     args = parser.parse_args()
 
     init_ray()
     print(f"# {platform.node()}: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
-    print("| corpus tokens | text MB | workers | seconds | tokens/s | bytes/token (int32 = 4) | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| corpus tokens | text MB | workers | seconds | tokens/s | bytes/token (int32 = 4) | peak RSS GiB "
+        "| peak private GiB |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in args.repeat or [4]:
             corpus = Path(scratch) / f"corpus-{repeat}"
@@ -92,6 +110,7 @@ def main() -> None:
                     seq_len=args.seq_len,
                     out=str(out),
                     workers=workers,
+                    shard_tokens=args.shard_tokens,
                 )
                 with PeakMemory() as memory:
                     started = time.perf_counter()
@@ -100,7 +119,8 @@ def main() -> None:
                 print(
                     f"| {summary.tokens:,} | {text_bytes / 1e6:.0f} | {workers} | {seconds:.1f} "
                     f"| {summary.tokens / seconds:,.0f} | {summary.bytes_per_token:.3f} "
-                    f"| {memory.peak_bytes / 2**30:.2f} |",
+                    f"| {memory.peak_rss / 2**30:.2f} | {memory.peak_private / 2**30:.2f} "
+                    f"| {memory.peak_driver_private / 2**30:.2f} |",
                     flush=True,
                 )
 

@@ -16,6 +16,24 @@ examples:
       --seq-len 32768 --out /data/slm/web32k --workers 4 --on-error skip
 """
 
+SCORE_EXAMPLE = """\
+examples:
+  # reference and training model over the same dataset, on CPU or the local GPUs:
+  slm score runs/data --model runs/reference/checkpoints/step-200 --name reference
+  slm score runs/data --model runs/base --name training
+  # a 4k-context model over 32k rows, 8 GPU actors on the cluster at RAY_ADDRESS:
+  slm score /data/slm/web32k --model ./tinyllama-1.1b --name ref --window 4096 --stride 2048 --actors 8
+"""
+
+SELECT_EXAMPLE = """\
+examples:
+  # Rho-1: keep 60% of each row's tokens by excess loss
+  slm select runs/data --reference reference --training training --ratio 0.6 --name rho1-60
+  # the same fraction over the whole corpus, and a random baseline at that ratio
+  slm select runs/data --reference reference --training training --ratio 0.6 --scope global --name rho1-60-global
+  slm select runs/data --scorer random --ratio 0.6 --seed 1 --name random-60
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -70,7 +88,105 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_run_prepare)
+
+    score = commands.add_parser(
+        "score",
+        help="per-token losses of a model over a dataset (Ray Data actors, GPU where there is one)",
+        description=textwrap.dedent(
+            """\
+            Score every token of DATASET with MODEL: loss[i] = -ln p(token i | earlier tokens of its
+            segment), NaN at segment starts. Writes DATASET/scores/NAME/part-NNNNN.arrow, row-aligned
+            with tokens/, and, last, its manifest.json. A re-run skips finished shards."""
+        ),
+        epilog=SCORE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("dataset", metavar="DATASET", help="a directory written by `slm prepare`")
+    score.add_argument("--model", required=True, help="Hugging Face causal-LM directory (config.json + safetensors)")
+    score.add_argument("--name", required=True, help="score set name: DATASET/scores/NAME")
+    score.add_argument("--batch-size", type=int, default=1, metavar="B", help="rows per forward pass (default: 1)")
+    score.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    score.add_argument("--window", type=int, metavar="W", help="score in windows of W tokens (short-context models)")
+    score.add_argument("--stride", type=int, metavar="S", help="tokens between window starts, below W")
+    score.add_argument(
+        "--actors", type=int, default=1, metavar="K", help="scorer actors, a GPU each if any (default: 1)"
+    )
+    score.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk (default: 4096)")
+    score.add_argument("--attn", metavar="IMPL", help="attention implementation: sdpa (default), flex_attention, eager")
+    score.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    score.add_argument("--overwrite", action="store_true", help="replace a score set of this name from another model")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(run=_run_score)
+
+    select = commands.add_parser(
+        "select",
+        help="keep the top tokens by excess loss (or another scorer); masks beside the tokens",
+        description=textwrap.dedent(
+            """\
+            Score each token from stored losses and keep the top RATIO of the scorable ones, within
+            each row (sequence) or over the whole corpus (global, an exact threshold). Writes
+            DATASET/selections/NAME/part-NNNNN.arrow (excess_loss, selected) and its manifest.json."""
+        ),
+        epilog=SELECT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    select.add_argument("dataset", metavar="DATASET", help="a directory written by `slm prepare`")
+    select.add_argument("--reference", metavar="REF", help="score set of the reference model")
+    select.add_argument("--training", metavar="TRN", help="score set of the training model")
+    select.add_argument("--ratio", type=float, required=True, metavar="K", help="fraction of scorable tokens to keep")
+    select.add_argument(
+        "--scope", choices=["sequence", "global"], default="sequence", help="rank within rows or corpus"
+    )
+    select.add_argument("--name", required=True, help="selection name: DATASET/selections/NAME")
+    select.add_argument(
+        "--scorer",
+        choices=["excess", "reference", "random"],
+        default="excess",
+        help="excess = TRN − REF loss (Rho-1); reference = lowest REF loss; random (default: excess)",
+    )
+    select.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default: 0)")
+    select.add_argument("--overwrite", action="store_true", help="replace a selection of this name")
+    select.set_defaults(run=_run_select)
     return parser
+
+
+def _run_select(args: argparse.Namespace) -> None:
+    from slm_pipeline.config import SelectConfig
+    from slm_pipeline.scoring.select import select
+
+    config = SelectConfig(
+        dataset=args.dataset,
+        name=args.name,
+        ratio=args.ratio,
+        reference=args.reference,
+        training=args.training,
+        scope=args.scope,
+        scorer=args.scorer,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print("\n".join(select(config).lines()))
+
+
+def _run_score(args: argparse.Namespace) -> None:
+    from slm_pipeline.config import ScoreConfig
+    from slm_pipeline.scoring.score import score
+
+    config = ScoreConfig(
+        dataset=args.dataset,
+        model=args.model,
+        name=args.name,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        window=args.window,
+        stride=args.stride,
+        actors=args.actors,
+        chunk_positions=args.chunk_positions,
+        attn_implementation=args.attn,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
+    print("\n".join(score(config, show_progress=not args.no_progress).lines()))
 
 
 def _run_prepare(args: argparse.Namespace) -> None:

@@ -47,3 +47,84 @@ class PrepareConfig:
     @property
     def rows_per_shard(self) -> int:
         return max(1, self.shard_tokens // self.seq_len)
+
+
+@dataclass
+class ScoreConfig:
+    """`slm score`: per-token losses of MODEL over DATASET."""
+
+    dataset: str
+    """A directory written by `slm prepare`."""
+    model: str
+    """A Hugging Face causal-LM directory (config.json + weights), e.g. a checkpoint of `slm train`."""
+    name: str
+    """The score set's name: DATASET/scores/NAME/."""
+    batch_size: int = 1
+    """Rows per forward pass."""
+    dtype: str | None = None
+    """Compute dtype, bf16 or fp32; default bf16 on GPU, fp32 on CPU. Losses are stored as float32."""
+    window: int | None = None
+    """Score with windows of this many tokens, for models whose context is shorter than the rows."""
+    stride: int | None = None
+    """Tokens between window starts (< window); each scored token keeps ≥ window − stride of context."""
+    actors: int = 1
+    """Scorer actors: one GPU each where the cluster has GPUs, one CPU each otherwise."""
+    chunk_positions: int = 4096
+    """Positions per LM-head chunk: bounds the fp32 logits held at once."""
+    attn_implementation: str | None = None
+    """transformers' attention (sdpa, eager, flex_attention...). sdpa builds a dense [T, T] document
+    mask per row; for long rows on GPU, flex_attention keeps it sparse."""
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    """Replace an existing score set of this name made by another model or options."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise SlmError(f"--name {self.name!r}: use a plain directory name")
+        if self.batch_size < 1:
+            raise SlmError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.actors < 1:
+            raise SlmError(f"--actors must be at least 1, got {self.actors}")
+        if self.dtype not in (None, "bf16", "fp32"):
+            raise SlmError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        if (self.window is None) != (self.stride is None):
+            raise SlmError("--window and --stride go together")
+        if self.window is not None and not (1 <= self.stride < self.window):
+            raise SlmError(f"--stride must be at least 1 and below --window ({self.window}), got {self.stride}")
+
+
+@dataclass
+class SelectConfig:
+    """`slm select`: score tokens from stored losses and keep the top fraction."""
+
+    dataset: str
+    """A directory written by `slm prepare`, with the score sets named below."""
+    name: str
+    """The selection's name: DATASET/selections/NAME/."""
+    ratio: float
+    """Fraction of the scorable tokens to keep, in [0, 1]."""
+    reference: str | None = None
+    """Score set of the reference model (excess and reference scorers)."""
+    training: str | None = None
+    """Score set of the training model (excess scorer)."""
+    scope: str = "sequence"
+    """Rank within each row (`sequence`) or over the whole corpus (`global`, an exact threshold)."""
+    scorer: str = "excess"
+    """`excess` (Rho-1: training − reference loss), `reference` (lowest reference loss) or `random`."""
+    seed: int = 0
+    """Seed of the `random` scorer."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise SlmError(f"--name {self.name!r}: use a plain directory name")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise SlmError(f"--ratio must be between 0 and 1, got {self.ratio}")
+        if self.scope not in ("sequence", "global"):
+            raise SlmError(f"--scope must be sequence or global, got {self.scope!r}")
+        if self.scorer not in ("excess", "reference", "random"):
+            raise SlmError(f"--scorer must be excess, reference or random, got {self.scorer!r}")
+        if self.scorer in ("excess", "reference") and not self.reference:
+            raise SlmError(f"--scorer {self.scorer} needs --reference (a score set name)")
+        if self.scorer == "excess" and not self.training:
+            raise SlmError("--scorer excess needs --training (a score set name)")

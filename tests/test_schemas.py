@@ -53,6 +53,6 @@ def test_rows_whose_segments_do_not_sum_are_never_written():
 def test_manifest_missing_a_field_is_named():
     with pytest.raises(
         SlmError,
-        match=r"m\.json: does not match schema dataset-manifest\.v1 at \(top level\): 'created_by' is a required property",
+        match=r"m\.json: does not match schema dataset-manifest\.v1 at \(top level\): 'created_by' is a required",
     ):
         validate("dataset-manifest", {"kind": "dataset", "format_version": 1}, "m.json")

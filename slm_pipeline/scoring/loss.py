@@ -1,0 +1,128 @@
+"""Per-token loss of a causal LM over packed rows, without ever building [tokens × vocab] logits.
+
+loss[i] = -ln p(input_ids[i] | earlier tokens of the same segment); NaN at each segment's
+first token, which has nothing to condition on.
+
+Shapes: B rows, T positions, H hidden size, V vocabulary, N = B·T flattened positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_POSITIONS = 4096
+"""Positions per LM-head chunk: 4096 × V fp32 logits = 2 GiB at V = 128k, 0.5 GiB at 32k."""
+
+
+def segment_position_ids(segment_lengths: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, T] position ids that restart at 0 at each segment (all rows the same length)."""
+    rows = [torch.cat([torch.arange(n) for n in lengths]) for lengths in segment_lengths]
+    return torch.stack(rows).to(device)
+
+
+def segment_start_mask(segment_lengths: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, T] bool, True at the first token of each segment."""
+    return segment_position_ids(segment_lengths, device) == 0
+
+
+def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H], with document masking.
+
+    Position ids that restart per segment, attention_mask=None and use_cache=False make
+    transformers build a block-diagonal causal mask (packed-sequence detection). With the
+    default use_cache=True of eval mode that detection is skipped and documents silently
+    attend to each other, so use_cache=False is not optional here.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    outputs = backbone(input_ids=input_ids_BT, position_ids=position_ids_BT, attention_mask=None, use_cache=False)
+    return outputs.last_hidden_state
+
+
+def logits_to_float(logits, config) -> torch.Tensor:
+    """fp32 logits with the model's own final scaling (Cohere's logit_scale, Gemma's soft-capping)."""
+    logits = logits.float()
+    if scale := getattr(config, "logit_scale", None):
+        logits = logits * scale
+    if cap := getattr(config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunked_cross_entropy(
+    hidden_NH: torch.Tensor, lm_head: torch.nn.Module, targets_N: torch.Tensor, config, chunk_positions: int
+) -> torch.Tensor:
+    """Cross-entropy per position [N] in fp32, computing logits `chunk_positions` rows at a time."""
+    losses = torch.empty(targets_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
+    for start in range(0, targets_N.shape[0], chunk_positions):
+        end = start + chunk_positions
+        logits_CV = logits_to_float(lm_head(hidden_NH[start:end]), config)
+        losses[start:end] = F.cross_entropy(logits_CV, targets_N[start:end], reduction="none")
+    return losses
+
+
+@torch.no_grad()
+def per_token_loss(
+    model,
+    input_ids_BT: torch.Tensor,
+    segment_lengths: list[list[int]],
+    chunk_positions: int = DEFAULT_CHUNK_POSITIONS,
+) -> torch.Tensor:
+    """[B, T] fp32 per-token loss of rows of equal length; NaN at segment starts."""
+    device = input_ids_BT.device
+    position_ids_BT = segment_position_ids(segment_lengths, device)
+    hidden_BTH = final_hidden_states(model, input_ids_BT, position_ids_BT)
+    batch, length, width = hidden_BTH.shape
+    # Position i-1 predicts token i; the last position predicts nothing inside the row.
+    losses = chunked_cross_entropy(
+        hidden_BTH[:, :-1].reshape(-1, width),
+        model.get_output_embeddings(),
+        input_ids_BT[:, 1:].reshape(-1),
+        model.config,
+        chunk_positions,
+    )
+    loss_BT = torch.full((batch, length), math.nan, dtype=torch.float32, device=device)
+    loss_BT[:, 1:] = losses.view(batch, length - 1)
+    loss_BT[position_ids_BT == 0] = math.nan
+    return loss_BT
+
+
+def windowed_token_loss(
+    model,
+    input_ids_T: torch.Tensor,
+    segment_lengths: list[int],
+    window: int,
+    stride: int,
+    chunk_positions: int = DEFAULT_CHUNK_POSITIONS,
+) -> torch.Tensor:
+    """[T] per-token loss of one row scored through overlapping windows of `window` tokens.
+
+    Windows start every `stride` tokens. Each scores the tokens that the previous window
+    did not, so every token past the first window has at least window − stride tokens of
+    context (or its whole segment, if shorter). Window edges cut segments; a cut piece's
+    first tokens only serve as context, since stride < window.
+    """
+    length = input_ids_T.shape[0]
+    loss_T = torch.full((length,), math.nan, dtype=torch.float32, device=input_ids_T.device)
+    starts = torch.tensor([0, *torch.tensor(segment_lengths).cumsum(0)[:-1].tolist()])
+    scored_until = 0
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        pieces = _clip_segments(starts.tolist(), segment_lengths, begin, end)
+        window_loss = per_token_loss(model, input_ids_T[None, begin:end], [pieces], chunk_positions)[0]
+        loss_T[scored_until:end] = window_loss[scored_until - begin :]
+        scored_until = end
+        if end == length:
+            break
+    return loss_T
+
+
+def _clip_segments(starts: list[int], lengths: list[int], begin: int, end: int) -> list[int]:
+    """Lengths of the pieces of segments that fall inside [begin, end)."""
+    return [
+        min(start + n, end) - max(start, begin)
+        for start, n in zip(starts, lengths, strict=True)
+        if start < end and start + n > begin
+    ]

@@ -1,0 +1,319 @@
+"""`slm score` and `slm select` end to end on a real local Ray, against independent computations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from slm_pipeline.scoring.policies import keep_count
+from tests.conftest import run_slm
+from tests.models import load, naive_document_loss, save_tiny_llama
+
+TOKENIZER = "builtin:pydoc-bpe-4k"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_address) -> dict:
+    """A prepared dataset of several shards, a reference and a training model, both scored."""
+    root = tmp_path_factory.mktemp("scoring")
+    from slm_pipeline.data.embedded import python_docs, web_noise
+
+    corpus = root / "corpus.jsonl"
+    documents = [*python_docs()[:12], *web_noise()[:6]]
+    corpus.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in documents))
+    run_slm(
+        "prepare",
+        str(corpus),
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        "96",
+        "--shard-tokens",
+        str(96 * 12),
+        "--out",
+        str(root / "data"),
+        "--no-progress",
+    )
+    models = {
+        name: save_tiny_llama(root / name, seed=seed, max_positions=128)
+        for name, seed in (("ref_model", 0), ("trn_model", 1))
+    }
+    for name, model in (("ref", models["ref_model"]), ("trn", models["trn_model"])):
+        run_slm(
+            "score",
+            str(root / "data"),
+            "--model",
+            str(model),
+            "--name",
+            name,
+            "--batch-size",
+            "4",
+            "--actors",
+            "2",
+            "--no-progress",
+        )
+    return {"root": root, "data": root / "data", **models}
+
+
+def read_arrow(paths) -> pa.Table:
+    return pa.concat_tables(pa.ipc.open_file(str(p)).read_all() for p in paths)
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part-*.arrow"))
+
+
+def sha256s(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_paths(directory)}
+
+
+def test_scores_are_row_aligned_and_equal_each_segment_scored_alone(workspace):
+    data = workspace["data"]
+    tokens = read_arrow(shard_paths(data / "tokens"))
+    scores = read_arrow(shard_paths(data / "scores" / "ref"))
+    assert [p.name for p in shard_paths(data / "scores" / "ref")] == [p.name for p in shard_paths(data / "tokens")]
+    assert len(shard_paths(data / "tokens")) > 2
+    assert scores.column("seq_id").to_pylist() == tokens.column("seq_id").to_pylist()
+
+    model = load(workspace["ref_model"])
+    for ids, segments, loss in zip(
+        tokens.column("input_ids").to_pylist(),
+        tokens.column("segment_lengths").to_pylist(),
+        scores.column("loss").to_pylist(),
+        strict=True,
+    ):
+        starts = np.cumsum([0, *segments])
+        expected = torch.cat([naive_document_loss(model, ids[a:b]) for a, b in zip(starts, starts[1:], strict=False)])
+        torch.testing.assert_close(torch.tensor(loss, dtype=torch.float32), expected, atol=1e-4, rtol=0, equal_nan=True)
+
+    manifest = json.loads((data / "scores" / "ref" / "manifest.json").read_text())
+    all_losses = np.concatenate([np.asarray(x, dtype=np.float64) for x in scores.column("loss").to_pylist()])
+    assert manifest["tokens_scored"] == int((~np.isnan(all_losses)).sum())
+    assert manifest["mean_loss"] == pytest.approx(np.nanmean(all_losses), rel=1e-6)
+    assert manifest["dtype"] == "fp32" and manifest["model"]["path"] == str(workspace["ref_model"])
+
+
+def test_rescoring_is_a_no_op_and_another_model_needs_overwrite(workspace):
+    data = workspace["data"]
+    again = run_slm("score", str(data), "--model", str(workspace["ref_model"]), "--name", "ref", "--no-progress")
+    assert "already scored" in again.stdout
+    clash = run_slm(
+        "score", str(data), "--model", str(workspace["trn_model"]), "--name", "ref", "--no-progress", check=False
+    )
+    assert clash.returncode == 1 and "pass --overwrite" in clash.stderr
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(workspace):
+    data = workspace["data"]
+    command = [
+        sys.executable,
+        "-m",
+        "slm_pipeline.cli",
+        "score",
+        str(data),
+        "--model",
+        str(workspace["ref_model"]),
+        "--name",
+        "killed",
+        "--no-progress",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (data / "scores" / "killed" / ".done" / "part-00001.arrow.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (data / "scores" / "killed" / "manifest.json").exists()
+    first = (data / "scores" / "killed" / "part-00000.arrow").stat().st_ino
+
+    run_slm(*command[3:])
+    assert sha256s(data / "scores" / "killed") == sha256s(data / "scores" / "ref")
+    assert (data / "scores" / "killed" / "part-00000.arrow").stat().st_ino == first  # kept, not redone
+
+
+def test_windowed_scoring_is_recorded_and_bounded_by_context(workspace):
+    data = workspace["data"]
+    run_slm(
+        "score",
+        str(data),
+        "--model",
+        str(workspace["ref_model"]),
+        "--name",
+        "windowed",
+        "--window",
+        "40",
+        "--stride",
+        "16",
+        "--no-progress",
+    )
+    manifest = json.loads((data / "scores" / "windowed" / "manifest.json").read_text())
+    assert (manifest["window"], manifest["stride"]) == (40, 16)
+    full = read_arrow(shard_paths(data / "scores" / "ref")).column("loss").to_pylist()
+    windowed = read_arrow(shard_paths(data / "scores" / "windowed")).column("loss").to_pylist()
+    # Inside the first window the context is the same, so the losses are too; later they differ.
+    np.testing.assert_allclose(np.array(windowed[0][:40]), np.array(full[0][:40]), atol=1e-5)
+    assert not np.allclose(np.array(windowed[0][60:]), np.array(full[0][60:]), atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("small_vocab", "its vocabulary has 100 tokens but the dataset's tokenizer"),
+        ("short_context", "its context is 64 tokens but rows hold up to 96; pass --window"),
+        ("nan_weights", "part-00000.arrow: row seq_id 0, position 1: loss is nan"),
+        ("no_manifest", "no manifest.json"),
+    ],
+)
+def test_score_refuses_bad_models_and_datasets(workspace, tmp_path, setup, message):
+    data, model = workspace["data"], workspace["ref_model"]
+    if setup == "small_vocab":
+        model = save_tiny_llama(tmp_path / "m", vocab_size=100)
+    elif setup == "short_context":
+        model = save_tiny_llama(tmp_path / "m", max_positions=64)
+    elif setup == "nan_weights":
+        broken = load(model)
+        with torch.no_grad():
+            broken.lm_head.weight[5, 0] = float("nan")
+        model = tmp_path / "m"
+        broken.save_pretrained(model)
+    else:
+        data = tmp_path / "empty"
+        data.mkdir()
+    result = run_slm("score", str(data), "--model", str(model), "--name", "bad", "--no-progress", check=False)
+    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    assert not (data / "scores" / "bad" / "manifest.json").exists()
+
+
+def stored(workspace, *names) -> list[list[np.ndarray]]:
+    data = workspace["data"]
+    tables = [read_arrow(shard_paths(data / "scores" / name)) for name in names]
+    return [[np.asarray(x, dtype=np.float32) for x in t.column("loss").to_pylist()] for t in tables]
+
+
+def read_selection(workspace, name):
+    table = read_arrow(shard_paths(workspace["data"] / "selections" / name))
+    manifest = json.loads((workspace["data"] / "selections" / name / "manifest.json").read_text())
+    return table, manifest
+
+
+def expected_row_mask(scores: np.ndarray, ratio: float) -> np.ndarray:
+    """Independent top-k: lexsort by (position, -score), scorable only."""
+    positions = np.flatnonzero(~np.isnan(scores))
+    order = positions[np.lexsort((positions, -scores[positions]))]
+    mask = np.zeros(len(scores), dtype=bool)
+    mask[order[: keep_count(ratio, len(positions))]] = True
+    return mask
+
+
+def test_excess_selection_per_row(workspace):
+    run_slm(
+        "select", str(workspace["data"]), "--reference", "ref", "--training", "trn", "--ratio", "0.6", "--name", "rho1"
+    )
+    table, manifest = read_selection(workspace, "rho1")
+    reference, training = stored(workspace, "ref", "trn")
+    for excess, selected, ref, trn in zip(
+        table.column("excess_loss").to_pylist(), table.column("selected").to_pylist(), reference, training, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(excess, dtype=np.float32), trn - ref)
+        assert selected == expected_row_mask(trn - ref, 0.6).tolist()
+    scorable = sum(int((~np.isnan(r)).sum()) for r in reference)
+    assert manifest["scorable"] == scorable and manifest["scope"] == "sequence" and manifest["threshold"] is None
+    assert manifest["selected_fraction"] == pytest.approx(0.6, abs=0.01)
+    assert set(manifest["by_source"]) == {str(workspace["root"] / "corpus.jsonl")}
+
+
+def test_excess_selection_global_is_exact(workspace):
+    run_slm(
+        "select",
+        str(workspace["data"]),
+        "--reference",
+        "ref",
+        "--training",
+        "trn",
+        "--ratio",
+        "0.3",
+        "--scope",
+        "global",
+        "--name",
+        "rho1-global",
+    )
+    table, manifest = read_selection(workspace, "rho1-global")
+    reference, training = stored(workspace, "ref", "trn")
+    excess = np.concatenate([t - r for t, r in zip(training, reference, strict=True)])
+    positions = np.flatnonzero(~np.isnan(excess))
+    order = positions[np.lexsort((positions, -excess[positions]))]  # corpus order breaks ties
+    keep = keep_count(0.3, len(positions))
+    expected = np.zeros(len(excess), dtype=bool)
+    expected[order[:keep]] = True
+    got = np.concatenate([np.asarray(s) for s in table.column("selected").to_pylist()])
+    np.testing.assert_array_equal(got, expected)
+    assert manifest["threshold"] == float(excess[order[keep - 1]]) and manifest["selected"] == keep
+
+
+def test_reference_and_random_scorers(workspace):
+    data = str(workspace["data"])
+    run_slm("select", data, "--scorer", "reference", "--reference", "ref", "--ratio", "0.5", "--name", "easy")
+    table, _ = read_selection(workspace, "easy")
+    [reference] = stored(workspace, "ref")
+    for selected, ref in zip(table.column("selected").to_pylist(), reference, strict=True):
+        assert selected == expected_row_mask(-ref, 0.5).tolist()
+
+    masks = {}
+    for name, seed in (("r1", "1"), ("r1-again", "1"), ("r2", "2")):
+        run_slm("select", data, "--scorer", "random", "--ratio", "0.6", "--seed", seed, "--name", name)
+        table, manifest = read_selection(workspace, name)
+        masks[name] = table.column("selected").to_pylist()
+        for selected, ref in zip(masks[name], reference, strict=True):
+            assert sum(selected) == keep_count(0.6, int((~np.isnan(ref)).sum()))
+            assert not any(s for s, r in zip(selected, ref, strict=True) if np.isnan(r))
+    assert masks["r1"] == masks["r1-again"] and masks["r1"] != masks["r2"]
+
+
+def test_select_refuses_missing_and_mismatched_score_sets(workspace, tmp_path):
+    data = workspace["data"]
+    missing = run_slm(
+        "select", str(data), "--reference", "nope", "--training", "trn", "--ratio", "0.5", "--name", "x", check=False
+    )
+    assert missing.returncode == 1 and "no score set 'nope'" in missing.stderr
+
+    other = tmp_path / "other"
+    run_slm(
+        "prepare",
+        str(workspace["root"] / "corpus.jsonl"),
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        "64",
+        "--out",
+        str(other),
+        "--no-progress",
+    )
+    run_slm("score", str(other), "--model", str(workspace["ref_model"]), "--name", "foreign", "--no-progress")
+    (data / "scores" / "foreign").symlink_to(other / "scores" / "foreign")
+    try:
+        result = run_slm(
+            "select",
+            str(data),
+            "--reference",
+            "ref",
+            "--training",
+            "foreign",
+            "--ratio",
+            "0.5",
+            "--name",
+            "x",
+            check=False,
+        )
+    finally:
+        (data / "scores" / "foreign").unlink()
+    assert result.returncode == 1 and "belong to another version of the dataset's tokens" in result.stderr
