@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--actors", type=int, default=1, metavar="K", help="scorer actors, a GPU each if any (default: 1)"
     )
     score.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk (default: 4096)")
-    score.add_argument("--attn", metavar="IMPL", help="attention implementation: sdpa (default), flex_attention, eager")
+    score.add_argument(
+        "--attn",
+        dest="attn_implementation",
+        metavar="IMPL",
+        help="attention implementation: sdpa (default), flex_attention, eager",
+    )
     score.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     score.add_argument("--overwrite", action="store_true", help="replace a score set of this name from another model")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -150,62 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_select(args: argparse.Namespace) -> None:
-    from slm_pipeline.config import SelectConfig
-    from slm_pipeline.scoring.select import select
+def _config_from_args(config_class, args: argparse.Namespace):
+    """The stage config whose fields the subcommand's options are named after."""
+    import dataclasses
 
-    config = SelectConfig(
-        dataset=args.dataset,
-        name=args.name,
-        ratio=args.ratio,
-        reference=args.reference,
-        training=args.training,
-        scope=args.scope,
-        scorer=args.scorer,
-        seed=args.seed,
-        overwrite=args.overwrite,
+    return config_class(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     )
-    print("\n".join(select(config).lines()))
-
-
-def _run_score(args: argparse.Namespace) -> None:
-    from slm_pipeline.config import ScoreConfig
-    from slm_pipeline.scoring.score import score
-
-    config = ScoreConfig(
-        dataset=args.dataset,
-        model=args.model,
-        name=args.name,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        window=args.window,
-        stride=args.stride,
-        actors=args.actors,
-        chunk_positions=args.chunk_positions,
-        attn_implementation=args.attn,
-        trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-    )
-    print("\n".join(score(config, show_progress=not args.no_progress).lines()))
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
     from slm_pipeline.config import PrepareConfig
     from slm_pipeline.data.prepare import prepare
 
-    config = PrepareConfig(
-        inputs=args.inputs,
-        tokenizer=args.tokenizer,
-        seq_len=args.seq_len,
-        out=args.out,
-        text_field=args.text_field,
-        workers=args.workers,
-        on_error=args.on_error,
-        shard_tokens=args.shard_tokens,
-        overwrite=args.overwrite,
-    )
-    summary = prepare(config, show_progress=not args.no_progress)
-    print("\n".join(summary.lines()))
+    print("\n".join(prepare(_config_from_args(PrepareConfig, args), show_progress=not args.no_progress).lines()))
+
+
+def _run_score(args: argparse.Namespace) -> None:
+    from slm_pipeline.config import ScoreConfig
+    from slm_pipeline.scoring.score import score
+
+    print("\n".join(score(_config_from_args(ScoreConfig, args), show_progress=not args.no_progress).lines()))
+
+
+def _run_select(args: argparse.Namespace) -> None:
+    from slm_pipeline.config import SelectConfig
+    from slm_pipeline.scoring.select import select
+
+    print("\n".join(select(_config_from_args(SelectConfig, args)).lines()))
 
 
 def main(argv: list[str] | None = None) -> int:

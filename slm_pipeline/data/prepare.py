@@ -19,8 +19,6 @@ manifest is written last.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 import warnings
@@ -38,6 +36,8 @@ from slm_pipeline.data.readers import InputUnit, iter_records, resolve_inputs
 from slm_pipeline.data.shards import (
     TOKENS_BATCH_TOKENS,
     ShardInfo,
+    fingerprint,
+    finished_manifest,
     read_json,
     remove_temporary_files,
     shard_name,
@@ -155,24 +155,20 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     tokenizer = load_tokenizer(config.tokenizer)
     info = tokenizer_info(config.tokenizer, tokenizer)
     units = resolve_inputs(config.inputs, config.text_field)
-    fingerprint = _fingerprint(config, info, units)
+    dataset_fingerprint = _dataset_fingerprint(config, info, units)
     out = Path(config.out)
     manifest_path = out / "manifest.json"
 
-    if manifest_path.exists():
-        manifest = read_json(manifest_path)
-        if manifest.get("fingerprint") == fingerprint:
-            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-            return _summary_from_manifest(config.out, manifest, time.perf_counter() - started)
-        if not config.overwrite:
-            raise SlmError(
-                f"{out}: holds a dataset prepared from other inputs or options; pass --overwrite to replace it"
-            )
+    conflict = f"{out}: holds a dataset prepared from other inputs or options; pass --overwrite to replace it"
+    if finished := finished_manifest(manifest_path, dataset_fingerprint, config.overwrite, conflict):
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+        return _summary_from_manifest(config.out, finished, time.perf_counter() - started)
+    if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()
         for derived in ("scores", "selections"):  # they describe the old tokens
             shutil.rmtree(out / derived, ignore_errors=True)
 
-    journal = _Journal(out, fingerprint)
+    journal = _Journal(out, dataset_fingerprint)
     shards, stats, position = journal.resume()
     writer = _ShardWriter(out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
     packer = Packer(config.seq_len)
@@ -210,7 +206,7 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
             f"no documents to pack: all {sum(stats.skipped.values())} records were skipped ({dict(stats.skipped)})"
         )
 
-    manifest = _manifest(config, info, fingerprint, shards, stats)
+    manifest = _manifest(config, info, dataset_fingerprint, shards, stats)
     validate("dataset-manifest", manifest, str(manifest_path))
     write_json(manifest_path, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
@@ -436,7 +432,7 @@ class _Tokenize:
         return batch.drop_columns(["text"]).append_column("token_ids", pa.array(token_ids, pa.list_(pa.int32())))
 
 
-def _fingerprint(config: PrepareConfig, info: TokenizerInfo, units: list[InputUnit]) -> str:
+def _dataset_fingerprint(config: PrepareConfig, info: TokenizerInfo, units: list[InputUnit]) -> str:
     identity = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": info.sha256,
@@ -446,11 +442,11 @@ def _fingerprint(config: PrepareConfig, info: TokenizerInfo, units: list[InputUn
         "rows_per_shard": config.rows_per_shard,
         "units": [dataclasses.asdict(unit) for unit in units],
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return fingerprint(identity)
 
 
 def _manifest(
-    config: PrepareConfig, info: TokenizerInfo, fingerprint: str, shards: list[ShardInfo], stats: PrepareStats
+    config: PrepareConfig, info: TokenizerInfo, dataset_fingerprint: str, shards: list[ShardInfo], stats: PrepareStats
 ) -> dict:
     return {
         "kind": "dataset",
@@ -476,7 +472,7 @@ def _manifest(
             "on_error": config.on_error,
             "shard_tokens": config.shard_tokens,
         },
-        "fingerprint": fingerprint,
+        "fingerprint": dataset_fingerprint,
     }
 
 

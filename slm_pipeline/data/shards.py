@@ -72,6 +72,27 @@ def read_json(path: Path) -> dict:
         raise SlmError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
 
 
+def fingerprint(identity: dict) -> str:
+    """A stable hash of what determines a stage's output (inputs, options, versions)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def finished_manifest(path: Path, expected_fingerprint: str, overwrite: bool, conflict: str) -> dict | None:
+    """The manifest at `path` if it describes the same work (a re-run is then a no-op).
+
+    None when there is none, or when `overwrite` lets the caller replace another one;
+    SlmError(`conflict`) when another one is there and may not be replaced.
+    """
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("fingerprint") == expected_fingerprint:
+        return manifest
+    if not overwrite:
+        raise SlmError(conflict)
+    return None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -22,9 +22,13 @@ def reference_score(reference_loss: np.ndarray) -> np.ndarray:
     return (-reference_loss).astype(np.float32)
 
 
-def random_score(seed: int, seq_id: int, scorable: np.ndarray) -> np.ndarray:
-    """Uniform in [0, 1), from a stream keyed by (seed, seq_id): the same whatever the worker count."""
-    generator = np.random.Generator(np.random.Philox(key=np.array([seed, seq_id], dtype=np.uint64)))
+def random_score(seed: int, seq_id: int, scorable: np.ndarray, draw: int = 0) -> np.ndarray:
+    """Uniform in [0, 1), from a stream keyed by (seed, seq_id, draw): the same whatever the worker count.
+
+    `draw` gives a row a fresh draw on each visit (the trainer passes the step).
+    """
+    bit_generator = np.random.Philox(key=np.array([seed, seq_id], dtype=np.uint64), counter=[0, 0, 0, draw])
+    generator = np.random.Generator(bit_generator)
     scores = generator.random(len(scorable), dtype=np.float32)
     scores[~scorable] = np.nan
     return scores

@@ -16,7 +16,6 @@ exceptions, so that the user reads one clear line rather than a Ray traceback.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ from slm_pipeline.config import ScoreConfig
 from slm_pipeline.data.shards import (
     atomic_path,
     file_sha256,
+    fingerprint,
+    finished_manifest,
     open_arrow_shard,
     read_json,
     remove_temporary_files,
@@ -128,30 +129,25 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
         "window": config.window,
         "stride": config.stride,
     }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-    if (out / "manifest.json").exists():
-        existing = read_json(out / "manifest.json")
-        if existing.get("fingerprint") == fingerprint:
-            return ScoreSummary(
-                str(out),
-                len(existing["shards"]),
-                existing["tokens_scored"],
-                existing["mean_loss"],
-                0.0,
-                0.0,
-                already_done=True,
-            )
-        if not config.overwrite:
-            raise SlmError(
-                f"{out}: holds scores from another model or options ({existing['model']['path']}); "
-                "pass --overwrite to replace them, or choose another --name"
-            )
-    if config.overwrite or not _done_records_match(out, fingerprint):
+    score_fingerprint = fingerprint(identity)
+    conflict = (
+        f"{out}: holds scores from another model or options; pass --overwrite to replace them, or choose another --name"
+    )
+    if finished := finished_manifest(out / "manifest.json", score_fingerprint, config.overwrite, conflict):
+        return ScoreSummary(
+            str(out),
+            len(finished["shards"]),
+            finished["tokens_scored"],
+            finished["mean_loss"],
+            0.0,
+            None,
+            already_done=True,
+        )
+    if config.overwrite or not _done_records_match(out, score_fingerprint):
         shutil.rmtree(out, ignore_errors=True)
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     remove_temporary_files(out)
-    write_json(out / DONE_DIR / "plan.json", {"fingerprint": fingerprint})
+    write_json(out / DONE_DIR / "plan.json", {"fingerprint": score_fingerprint})
 
     shard_names = [shard["name"] for shard in dataset_manifest["shards"]]
     records = {name: _done_record(out, name) for name in shard_names}
@@ -201,7 +197,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
             {key: record[key] for key in ("name", "rows", "tokens", "tokens_scored", "bytes", "sha256")}
             for record in shards
         ],
-        "fingerprint": fingerprint,
+        "fingerprint": score_fingerprint,
     }
     validate("scores-manifest", manifest, str(out / "manifest.json"))
     write_json(out / "manifest.json", manifest)

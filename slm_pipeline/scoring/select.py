@@ -10,8 +10,6 @@ threshold go to earlier tokens in corpus order, so exactly k tokens are kept.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,7 +20,15 @@ import numpy as np
 
 from slm_pipeline import __version__
 from slm_pipeline.config import SelectConfig
-from slm_pipeline.data.shards import atomic_path, file_sha256, open_arrow_shard, read_json, write_json
+from slm_pipeline.data.shards import (
+    atomic_path,
+    file_sha256,
+    fingerprint,
+    finished_manifest,
+    open_arrow_shard,
+    read_json,
+    write_json,
+)
 from slm_pipeline.errors import SlmError
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.scoring import policies
@@ -90,15 +96,10 @@ def select(config: SelectConfig) -> SelectSummary:
         "scope": config.scope,
         "seed": config.seed,
     }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    if (out / "manifest.json").exists():
-        existing = read_json(out / "manifest.json")
-        if existing.get("fingerprint") == fingerprint:
-            return _summary(str(out), existing, 0.0, already_done=True)
-        if not config.overwrite:
-            raise SlmError(
-                f"{out}: holds a selection made with other inputs or options; pass --overwrite or another --name"
-            )
+    selection_fingerprint = fingerprint(identity)
+    conflict = f"{out}: holds a selection made with other inputs or options; pass --overwrite or another --name"
+    if finished := finished_manifest(out / "manifest.json", selection_fingerprint, config.overwrite, conflict):
+        return _summary(str(out), finished, 0.0, already_done=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
@@ -145,7 +146,7 @@ def select(config: SelectConfig) -> SelectSummary:
         "selected_fraction": selected / max(scorable, 1),
         "by_source": dict(sorted(by_source.items())),
         "shards": [{k: r[k] for k in ("name", "rows", "bytes", "sha256")} for r in results],
-        "fingerprint": fingerprint,
+        "fingerprint": selection_fingerprint,
     }
     validate("selection-manifest", manifest, str(out / "manifest.json"))
     write_json(out / "manifest.json", manifest)
