@@ -34,6 +34,13 @@ examples:
   slm select runs/data --scorer random --ratio 0.6 --seed 1 --name random-60
 """
 
+TRAIN_EXAMPLE = """\
+examples:
+  slm train jobs/train-rho1.yaml
+  slm train jobs/train-rho1.yaml --set steps=2000 --set ratio=0.7 --set wandb.mode=online
+  slm train jobs/train-rho1.yaml --resume
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -152,6 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default: 0)")
     select.add_argument("--overwrite", action="store_true", help="replace a selection of this name")
     select.set_defaults(run=_run_select)
+
+    train = commands.add_parser(
+        "train",
+        help="train on selected tokens only (online Rho-1, stored masks, random, or all tokens)",
+        description=textwrap.dedent(
+            """\
+            Train a causal LM from a YAML config (keys: docs/training.md). Loss = cross-entropy summed over
+            the selected tokens / selected tokens in the whole step. Writes RUN/checkpoints/step-N/ (Hugging
+            Face directories), RUN/metrics.jsonl and RUN/wandb/."""
+        ),
+        epilog=TRAIN_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config_path", metavar="CONFIG.yaml", help="training config")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (VALUE is YAML; dotted keys reach nested ones), repeatable",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.set_defaults(run=_run_train)
     return parser
 
 
@@ -183,6 +214,16 @@ def _run_select(args: argparse.Namespace) -> None:
     from slm_pipeline.scoring.select import select
 
     print("\n".join(select(_config_from_args(SelectConfig, args)).lines()))
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from slm_pipeline.config import load_train_config
+    from slm_pipeline.training.trainer import train
+
+    overrides = args.overrides + (["resume=true"] if args.resume else [])
+    metrics = train(load_train_config(args.config_path, overrides))
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_all", "heldout_loss"))
+    print(f"trained: {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slm_pipeline.errors import SlmError
 
@@ -128,3 +128,142 @@ class SelectConfig:
             raise SlmError(f"--scorer {self.scorer} needs --reference (a score set name)")
         if self.scorer == "excess" and not self.training:
             raise SlmError("--scorer excess needs --training (a score set name)")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases. Offline by default; the API key comes from the environment, never from here."""
+
+    mode: str = "offline"
+    """offline (a run under RUN/wandb/ to `wandb sync` later), online, or disabled."""
+    project: str = "slm-pipeline"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; default: the run directory's name."""
+    group: str | None = None
+    """Groups runs of one comparison (the ablation logs its four runs to one group)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise SlmError(f"wandb.mode must be offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    """`slm train`: every key of a training YAML file."""
+
+    data: str
+    """The dataset directory (written by `slm prepare`)."""
+    model: str | dict
+    """A Hugging Face model directory, or an architecture config to train from scratch
+    (a dict with `model_type` and its fields; `vocab_size` defaults to the dataset's)."""
+    out: str
+    """The run directory: checkpoints/, metrics.jsonl, wandb/."""
+    steps: int
+    """Optimizer steps."""
+    mode: str = "clm"
+    """clm (every token), static (a stored selection), rho1 (online excess loss), random (ablation)."""
+    ratio: float = 0.6
+    """Fraction of scorable tokens that carry loss (rho1, random)."""
+    scope: str = "sequence"
+    """Where the top `ratio` is taken: each row, each micro-batch, or the whole step (all ranks)."""
+    reference: str | None = None
+    """Score set with the reference model's losses (rho1)."""
+    selection: str | None = None
+    """Stored selection (static)."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    workers: int = 0
+    """Ray Train workers (DDP-style data parallel); 0 runs the same loop in this process."""
+    seed: int = 0
+    """Seeds initialisation, data order, held-out split and the random mode."""
+    rows_per_micro_batch: int = 1
+    accumulation: int = 1
+    """Micro-batches per optimizer step on each worker."""
+    learning_rate: float = 3e-4
+    min_learning_rate_ratio: float = 0.1
+    """Cosine decay ends at learning_rate × this."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    chunk_positions: int = 4096
+    """Positions per LM-head chunk."""
+    activation_checkpointing: bool = False
+    """Recompute decoder layers in backward: long rows for less memory, ~30% more compute."""
+    bf16: bool | None = None
+    """bf16 autocast; default on GPU, off on CPU."""
+    attn_implementation: str | None = None
+    model_overrides: dict = field(default_factory=dict)
+    """Merged into the model's HF config, e.g. {max_position_embeddings: 32768, rope_scaling: {...}}."""
+    heldout_rows: int = 8
+    """Rows held out of training for the held-out loss."""
+    eval_every: int = 50
+    """Held-out loss every this many steps (and at the end; 0: only at the end)."""
+    log_samples_every: int = 50
+    """Excess-loss histogram and sample rows with the selected tokens marked, in W&B."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out/."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wandb, dict):
+            self.wandb = _build(WandbConfig, self.wandb, "wandb.")
+        self.adam_betas = tuple(self.adam_betas)
+        if self.mode not in ("clm", "static", "rho1", "random"):
+            raise SlmError(f"mode must be clm, static, rho1 or random, got {self.mode!r}")
+        if self.scope not in ("sequence", "microbatch", "global"):
+            raise SlmError(f"scope must be sequence, microbatch or global, got {self.scope!r}")
+        if self.mode == "rho1" and not self.reference:
+            raise SlmError("mode rho1 needs `reference`: the name of a score set of the reference model")
+        if self.mode == "static" and not self.selection:
+            raise SlmError("mode static needs `selection`: the name of a stored selection")
+        if not 0.0 < self.ratio <= 1.0:
+            raise SlmError(f"ratio must be in (0, 1], got {self.ratio}")
+        for name in ("steps", "rows_per_micro_batch", "accumulation"):
+            if getattr(self, name) < 1:
+                raise SlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    """cls(**values), naming any key cls does not have."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SlmError(f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file and KEY=VALUE overrides (VALUE parsed as YAML; dotted keys nest)."""
+    import yaml
+
+    try:
+        with open(path) as file:
+            values = yaml.safe_load(file) or {}
+    except OSError as error:
+        raise SlmError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise SlmError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(values, dict):
+        raise SlmError(f"{path}: expected a mapping of config keys")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise SlmError(f"--set {override!r}: expected KEY=VALUE")
+        target = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(raw)
+    missing = [k for k in ("data", "model", "out", "steps") if k not in values]
+    if missing:
+        raise SlmError(f"{path}: missing required key {missing[0]!r}")
+    return _build(TrainConfig, values)

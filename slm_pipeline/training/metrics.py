@@ -1,0 +1,70 @@
+"""Metrics: one dict per optimizer step to RUN/metrics.jsonl and to W&B, from rank 0 only.
+
+W&B runs offline by default (RUN/wandb/, `wandb sync` uploads it later). The API key is
+read by the wandb client from its own environment or netrc; this module never reads,
+prints or logs it, and the config sent to W&B carries no environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config, resume: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.run = None
+        if config.wandb.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=config.wandb.project,
+                entity=config.wandb.entity,
+                name=config.wandb.name or run_dir.name,
+                group=config.wandb.group,
+                mode=config.wandb.mode,
+                dir=str(run_dir),
+                config=dataclasses.asdict(config),
+                resume="allow" if resume else None,
+                id=_run_id(run_dir) if resume else None,
+            )
+            (run_dir / "wandb_run_id").write_text(self.run.id)
+
+    def log(self, metrics: dict, step: int) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_samples(self, step: int, excess: np.ndarray, rows: list[tuple[int, str]]) -> None:
+        """A histogram of the batch's excess losses and sample rows with the selected tokens marked."""
+        if self.run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["seq_id", "text (selected tokens in [brackets])"], data=[list(r) for r in rows])
+        finite = excess[np.isfinite(excess)]
+        self.run.log(
+            {"samples/excess_loss": wandb.Histogram(finite) if len(finite) else None, "samples/rows": table}, step=step
+        )
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _run_id(run_dir: Path) -> str | None:
+    path = run_dir / "wandb_run_id"
+    return path.read_text().strip() if path.exists() else None
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume, drop lines past the checkpoint: those steps are about to run again."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
