@@ -116,7 +116,10 @@ class Trainer:
 
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        self.model = build_model(config, manifest).to(self.device).train()
+        checkpoint = latest_checkpoint(self.run_dir) if config.resume else None
+        # A resumed run loads its weights as any HF model directory (tied embeddings included).
+        model_source = dataclasses.replace(config, model=str(checkpoint)) if checkpoint else config
+        self.model = build_model(model_source, manifest).to(self.device).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -135,10 +138,7 @@ class Trainer:
         self.selector = Selector(config.mode, config.ratio, config.scope, config.seed)
 
         self.step, self.counters = 0, {"tokens": 0, "selected_tokens": 0}
-        if config.resume and (checkpoint := latest_checkpoint(self.run_dir)):
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+        if checkpoint:
             self.step, self.counters = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
             if rank == 0:
                 truncate_metrics(self.run_dir, self.step)

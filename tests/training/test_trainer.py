@@ -196,3 +196,11 @@ def test_set_overrides_nested_keys(tmp_path):
     path.write_text("data: d\nmodel: m\nout: o\nsteps: 2\n")
     loaded = load_train_config(str(path), ["steps=7", "wandb.mode=disabled", "adam_betas=[0.9, 0.99]"])
     assert loaded.steps == 7 and loaded.wandb.mode == "disabled" and loaded.adam_betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize(
+    "job", sorted(Path(__file__).resolve().parents[2].glob("jobs/train-*.yaml")), ids=lambda p: p.name
+)
+def test_job_files_are_valid_configs(job):
+    loaded = load_train_config(str(job))
+    assert loaded.mode == "rho1" and loaded.reference and loaded.steps > 0

@@ -1,0 +1,77 @@
+"""Helpers shared by the GPU benchmarks: model shapes, the matmul peak, FLOPs, timing."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+MODELS = {
+    # TinyLlama-1.1B's shape with a 32k vocabulary; random weights (speed and memory do not depend on them).
+    "tinyllama": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+    ),
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+    ),
+}
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**MODELS[name], attn_implementation=attn)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def matmul_tflops(device: str) -> float | None:
+    """The bf16 matmul rate this card reaches in this run (the MFU denominator)."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started, repeats = time.perf_counter(), 50
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def flops_per_token(model, length: int) -> float:
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    parameters = sum(p.numel() for p in model.parameters()) - embedding  # the LM head stays: it is a matmul
+    return 2 * parameters + 2 * config.num_hidden_layers * length * config.hidden_size
+
+
+def measure(fn, device: str, repeats: int) -> tuple[float, float | None]:
+    """(seconds per call, peak GiB) after one warm-up call."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / repeats
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return seconds, peak
