@@ -75,3 +75,12 @@ def measure(fn, device: str, repeats: int) -> tuple[float, float | None]:
     seconds = (time.perf_counter() - started) / repeats
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return seconds, peak
+
+
+def measure_or_oom(fn, device: str, repeats: int) -> tuple[float, float | None] | None:
+    """measure(), or None when the card runs out of memory (the caller prints OOM)."""
+    try:
+        return measure(fn, device, repeats)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None

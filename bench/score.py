@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, build_model, flops_per_token, matmul_tflops, measure  # noqa: E402
+from common import MODELS, build_model, flops_per_token, matmul_tflops, measure_or_oom  # noqa: E402
 
 from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids  # noqa: E402
 
@@ -76,12 +76,10 @@ def main() -> None:
         if length <= args.skip_plain_above:
             paths["plain HF"] = partial(plain_hf_loss, model, ids, segments)
         for path, fn in paths.items():
-            try:
-                seconds, peak = measure(fn, device, args.repeats)
-            except torch.OutOfMemoryError:
+            if (timing := measure_or_oom(fn, device, args.repeats)) is None:
                 print(f"| {length} | {rows} | {path} | OOM | | |")
-                torch.cuda.empty_cache()
                 continue
+            seconds, peak = timing
             tokens_per_s = rows * length / seconds
             mfu = tokens_per_s * flops_per_token(model, length) / (peak_tflops * 1e12) if peak_tflops else None
             results.append(dict(length=length, rows=rows, path=path, tokens_per_s=tokens_per_s, peak_gib=peak, mfu=mfu))

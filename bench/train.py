@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, flops_per_token, matmul_tflops, measure  # noqa: E402
+from common import build_model, flops_per_token, matmul_tflops, measure_or_oom  # noqa: E402
 
 from slm_pipeline.scoring.loss import segment_position_ids  # noqa: E402
 from slm_pipeline.training.selection import MicroBatch, Selector  # noqa: E402
@@ -88,12 +88,10 @@ def main() -> None:
             "ours rho1 0.6": partial(our_step, model, batch, Selector("rho1", 0.6), bf16, args.chunk_positions),
         }
         for path, step in paths.items():
-            try:
-                seconds, peak = measure(step, device, args.repeats)
-            except torch.OutOfMemoryError:
+            if (timing := measure_or_oom(step, device, args.repeats)) is None:
                 print(f"| {length} | {path} | OOM | | |")
-                torch.cuda.empty_cache()
                 continue
+            seconds, peak = timing
             tokens_per_s = length / seconds
             mfu = 3 * tokens_per_s * flops_per_token(model, length) / (peak_tflops * 1e12) if peak_tflops else None
             peak_text = f"{peak:.1f}" if peak is not None else "n/a"

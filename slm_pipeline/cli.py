@@ -42,6 +42,16 @@ examples:
 """
 
 
+def _add_stage(commands, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=textwrap.dedent(description),
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slm",
@@ -49,18 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    prepare = commands.add_parser(
+    prepare = _add_stage(
+        commands,
         "prepare",
-        help="pack a corpus into long token rows (zstd Arrow shards)",
-        description=textwrap.dedent(
-            """\
+        "pack a corpus into long token rows (zstd Arrow shards)",
+        """\
             Tokenize documents (EOS appended) and pack them in input order into rows of exactly
             --seq-len tokens, with document boundaries in `segment_lengths`. Writes
             OUT/tokens/part-NNNNN.arrow and, last, OUT/manifest.json. Runs on the Ray at
-            RAY_ADDRESS, or a local one. A re-run skips finished work."""
-        ),
-        epilog=PREPARE_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+            RAY_ADDRESS, or a local one. A re-run skips finished work.""",
+        PREPARE_EXAMPLE,
     )
     prepare.add_argument(
         "inputs",
@@ -96,17 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_run_prepare)
 
-    score = commands.add_parser(
+    score = _add_stage(
+        commands,
         "score",
-        help="per-token losses of a model over a dataset (Ray Data actors, GPU where there is one)",
-        description=textwrap.dedent(
-            """\
+        "per-token losses of a model over a dataset (Ray Data actors, GPU where there is one)",
+        """\
             Score every token of DATASET with MODEL: loss[i] = -ln p(token i | earlier tokens of its
             segment), NaN at segment starts. Writes DATASET/scores/NAME/part-NNNNN.arrow, row-aligned
-            with tokens/, and, last, its manifest.json. A re-run skips finished shards."""
-        ),
-        epilog=SCORE_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+            with tokens/, and, last, its manifest.json. A re-run skips finished shards.""",
+        SCORE_EXAMPLE,
     )
     score.add_argument("dataset", metavar="DATASET", help="a directory written by `slm prepare`")
     score.add_argument("--model", required=True, help="Hugging Face causal-LM directory (config.json + safetensors)")
@@ -130,17 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(run=_run_score)
 
-    select = commands.add_parser(
+    select = _add_stage(
+        commands,
         "select",
-        help="keep the top tokens by excess loss (or another scorer); masks beside the tokens",
-        description=textwrap.dedent(
-            """\
+        "keep the top tokens by excess loss (or another scorer); masks beside the tokens",
+        """\
             Score each token from stored losses and keep the top RATIO of the scorable ones, within
             each row (sequence) or over the whole corpus (global, an exact threshold). Writes
-            DATASET/selections/NAME/part-NNNNN.arrow (excess_loss, selected) and its manifest.json."""
-        ),
-        epilog=SELECT_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+            DATASET/selections/NAME/part-NNNNN.arrow (excess_loss, selected) and its manifest.json.""",
+        SELECT_EXAMPLE,
     )
     select.add_argument("dataset", metavar="DATASET", help="a directory written by `slm prepare`")
     select.add_argument("--reference", metavar="REF", help="score set of the reference model")
@@ -160,17 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--overwrite", action="store_true", help="replace a selection of this name")
     select.set_defaults(run=_run_select)
 
-    train = commands.add_parser(
+    train = _add_stage(
+        commands,
         "train",
-        help="train on selected tokens only (online Rho-1, stored masks, random, or all tokens)",
-        description=textwrap.dedent(
-            """\
+        "train on selected tokens only (online Rho-1, stored masks, random, or all tokens)",
+        """\
             Train a causal LM from a YAML config (keys: docs/training.md). Loss = cross-entropy summed over
             the selected tokens / selected tokens in the whole step. Writes RUN/checkpoints/step-N/ (Hugging
-            Face directories), RUN/metrics.jsonl and RUN/wandb/."""
-        ),
-        epilog=TRAIN_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+            Face directories), RUN/metrics.jsonl and RUN/wandb/.""",
+        TRAIN_EXAMPLE,
     )
     train.add_argument("config_path", metavar="CONFIG.yaml", help="training config")
     train.add_argument(
