@@ -21,6 +21,7 @@ class MetricsLogger:
         if config.wandb.mode != "disabled":
             import wandb
 
+            online = config.wandb.mode == "online"
             self.run = wandb.init(
                 project=config.wandb.project,
                 entity=config.wandb.entity,
@@ -29,8 +30,10 @@ class MetricsLogger:
                 mode=config.wandb.mode,
                 dir=str(run_dir),
                 config=dataclasses.asdict(config),
-                resume="allow" if resume else None,
-                id=_run_id(run_dir) if resume else None,
+                # Online, a resumed run continues its W&B run; offline, each invocation keeps its own
+                # directory under RUN/wandb/ (wandb sync uploads them all).
+                resume="allow" if resume and online else None,
+                id=_run_id(run_dir) if resume and online else None,
             )
             (run_dir / "wandb_run_id").write_text(self.run.id)
 

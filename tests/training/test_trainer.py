@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,24 +96,29 @@ def test_each_mode_trains_and_its_loss_falls(dataset, tmp_path, mode_options):
         assert "reference_loss" in line and "excess_loss" in line
 
 
-def test_resume_gives_the_uninterrupted_losses_and_weights(dataset, tmp_path):
-    straight = config(dataset, tmp_path / "straight", mode="rho1", steps=6, save_every=3)
-    train(straight)
-    # A run that died after its step-3 checkpoint: what it wrote later never became final.
-    resumed = dataclasses.replace(straight, out=str(tmp_path / "resumed"))
-    train(resumed)
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-6")
-    step_3 = (tmp_path / "resumed" / "checkpoints" / "step-3" / "model.safetensors").stat().st_ino
-    train(dataclasses.replace(resumed, resume=True))
-    # It went on from step 3 (a run from scratch would have rewritten that checkpoint).
-    assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "model.safetensors").stat().st_ino == step_3
+def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_weights(dataset, tmp_path):
+    options = dict(mode="rho1", steps=60, save_every=5)
+    train(config(dataset, tmp_path / "straight", **options))
+
+    resumed = config(dataset, tmp_path / "resumed", **options)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(resumed)))
+    command = [sys.executable, "-m", "slm_pipeline.cli", "train", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "resumed" / "checkpoints" / "step-10").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "resumed" / "checkpoints" / "step-60").exists()  # it really was cut short
+    run_slm("train", str(path), "--resume")
 
     keys = ("step", "loss", "loss_all", "lr", "grad_norm", "selected_fraction", "tokens_seen")
     assert [{k: x[k] for k in keys} for x in metrics(tmp_path / "resumed")] == [
         {k: x[k] for k in keys} for x in metrics(tmp_path / "straight")
     ]
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-6" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-6" / "model.safetensors")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-60" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-60" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
