@@ -70,8 +70,12 @@ class TrainingRows:
             if self.selection
             else None
         )
-        seq_len = self.manifest["seq_len"]
-        full = np.array([r for r in range(self.tokens.rows) if len(self.tokens.get(r)) == seq_len], dtype=np.int64)
+        # Packing fills every row but the corpus's last; a short last row is left out of training.
+        rows, seq_len = self.manifest["rows"], self.manifest["seq_len"]
+        if self.tokens.rows != rows:
+            raise SlmError(f"{self.dataset}: tokens/ holds {self.tokens.rows} rows, the manifest says {rows}")
+        last_is_full = self.manifest["tokens"] == rows * seq_len
+        full = np.arange(rows if last_is_full else rows - 1, dtype=np.int64)
         # Held out: a seeded sample of rows that training never sees.
         permuted = np.random.default_rng(self.seed).permutation(full)
         self.heldout = np.sort(permuted[: self.heldout_rows])
