@@ -240,6 +240,9 @@ def _score_shards(shards: list[str], config: ScoreConfig, dataset: Path) -> Iter
     from slm_pipeline.ray_runtime import init_ray
 
     init_ray()
+    # Updates come back in shard order, so the first problem reported is the first in the
+    # dataset whatever the actors' timing.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     with warnings.catch_warnings():
         # Ray 2.60 deprecates extra remote args such as max_restarts but has no named parameter for it yet.
