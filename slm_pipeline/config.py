@@ -266,4 +266,7 @@ def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     missing = [k for k in ("data", "model", "out", "steps") if k not in values]
     if missing:
         raise SlmError(f"{path}: missing required key {missing[0]!r}")
-    return _build(TrainConfig, values)
+    try:
+        return _build(TrainConfig, values)
+    except SlmError as error:
+        raise SlmError(f"{path}: {error}") from None
