@@ -41,6 +41,13 @@ examples:
   slm train jobs/train-rho1.yaml --resume
 """
 
+INSPECT_EXAMPLE = """\
+examples:
+  slm inspect runs/recipe/mixed
+  slm inspect runs/recipe/mixed --json | jq .selections
+  slm inspect runs/recipe/mixed --row 12
+"""
+
 
 def _add_stage(commands, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
     return commands.add_parser(
@@ -185,6 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.set_defaults(run=_run_train)
+
+    inspect = _add_stage(
+        commands,
+        "inspect",
+        "what a dataset holds: shards, score sets, selections, one row's scores",
+        """\
+        Summarize DATASET: rows, tokens, bytes/token; per score set the model and mean loss; per
+        selection the scorer, ratio, threshold, selected fraction by source, excess-loss
+        percentiles and the tokens kept most and least often. --row shows one row token by token.""",
+        INSPECT_EXAMPLE,
+    )
+    inspect.add_argument("dataset", metavar="DATASET")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--row", type=int, metavar="SEQ_ID", help="one row's tokens with their scores")
+    inspect.set_defaults(run=_run_inspect)
+
+    verify = _add_stage(
+        commands,
+        "verify",
+        "check schemas, checksums and row alignment of every shard",
+        """\
+        Check every shard of DATASET (tokens, score sets, selections) against its manifest: schema,
+        sha256, rows and seq_id alignment with tokens/. Lists each problem with its file; exits 1
+        if there is any.""",
+        "examples:\n  slm verify runs/recipe/mixed\n",
+    )
+    verify.add_argument("dataset", metavar="DATASET")
+    verify.set_defaults(run=_run_verify)
     return parser
 
 
@@ -226,6 +261,33 @@ def _run_train(args: argparse.Namespace) -> None:
     metrics = train(load_train_config(args.config_path, overrides))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_all", "heldout_loss"))
     print(f"trained: {shown}")
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from slm_pipeline import inspect
+
+    if args.row is not None:
+        view = inspect.row_view(Path(args.dataset), args.row)
+        print(json.dumps(view, indent=2) if args.json else "\n".join(inspect.row_lines(view)))
+        return
+    summary = inspect.summarize(Path(args.dataset))
+    print(json.dumps(summary, indent=2) if args.json else "\n".join(inspect.summary_lines(summary)))
+
+
+def _run_verify(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from slm_pipeline import inspect
+    from slm_pipeline.errors import SlmError
+
+    problems = inspect.verify(Path(args.dataset))
+    if problems:
+        print("\n".join(problems))
+        raise SlmError(f"{args.dataset}: {len(problems)} problem(s)")
+    print(f"{args.dataset}: every shard matches its manifest")
 
 
 def main(argv: list[str] | None = None) -> int:

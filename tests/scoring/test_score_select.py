@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,3 +321,64 @@ def test_select_refuses_missing_and_mismatched_score_sets(workspace, tmp_path):
     finally:
         (data / "scores" / "foreign").unlink()
     assert result.returncode == 1 and "belong to another version of the dataset's tokens" in result.stderr
+
+
+def test_inspect_summarizes_scores_and_selections(workspace):
+    data = workspace["data"]
+    run_slm("select", str(data), "--reference", "ref", "--training", "trn", "--ratio", "0.5", "--name", "seen")
+    summary = json.loads(run_slm("inspect", str(data), "--json").stdout)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert (summary["rows"], summary["tokens"], summary["shards"]) == (
+        manifest["rows"],
+        manifest["tokens"],
+        len(manifest["shards"]),
+    )
+    ref = json.loads((data / "scores" / "ref" / "manifest.json").read_text())
+    assert summary["scores"]["ref"] == {
+        "model": ref["model"]["path"],
+        "mean_loss": ref["mean_loss"],
+        "tokens_scored": ref["tokens_scored"],
+    }
+    seen = summary["selections"]["seen"]
+    table, selection = read_selection(workspace, "seen")
+    assert seen["selected_fraction"] == selection["selected_fraction"] and seen["by_source"] == selection["by_source"]
+    excess = np.concatenate([np.asarray(x, dtype=np.float32) for x in table.column("excess_loss").to_pylist()])
+    assert seen["excess_loss_percentiles"]["50"] == pytest.approx(float(np.nanpercentile(excess, 50)), rel=1e-5)
+    top = seen["most_selected_tokens"][0]
+    ids = np.concatenate(
+        [np.asarray(x) for x in read_arrow(shard_paths(data / "tokens")).column("input_ids").to_pylist()]
+    )
+    kept = np.concatenate([np.asarray(x) for x in table.column("selected").to_pylist()])
+    scorable = ~np.isnan(excess)
+    assert top["selected_rate"] == pytest.approx(kept[scorable & (ids == top["token_id"])].mean())
+    assert "selections/seen: excess, ratio 0.5, sequence" in run_slm("inspect", str(data)).stdout
+
+
+def test_inspect_row_shows_each_token_with_its_scores(workspace):
+    data = workspace["data"]
+    view = json.loads(run_slm("inspect", str(data), "--row", "13", "--json").stdout)
+    tokens = read_arrow(shard_paths(data / "tokens"))
+    [reference] = stored(workspace, "ref")
+    assert [t["token_id"] for t in view["tokens"]] == tokens.column("input_ids")[13].as_py()
+    expected = [None if np.isnan(x) else pytest.approx(float(x)) for x in reference[13]]
+    assert [t["loss/ref"] for t in view["tokens"]] == expected
+    assert view["segment_lengths"] == tokens.column("segment_lengths")[13].as_py()
+    assert "pos  token" in run_slm("inspect", str(data), "--row", "13").stdout
+    missing = run_slm("inspect", str(data), "--row", "100000", check=False)
+    assert missing.returncode == 1 and "no row 100000" in missing.stderr
+
+
+def test_verify_passes_then_names_each_damaged_file(workspace, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(workspace["data"], copy, ignore=shutil.ignore_patterns("foreign"))
+    assert "every shard matches" in run_slm("verify", str(copy)).stdout
+
+    damaged = copy / "scores" / "ref" / "part-00001.arrow"
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(content))
+    (copy / "tokens" / "part-00002.arrow").unlink()
+    result = run_slm("verify", str(copy), check=False)
+    assert result.returncode == 1
+    assert f"{damaged}: checksum differs from the manifest's" in result.stdout
+    assert f"{copy / 'tokens' / 'part-00002.arrow'}: missing" in result.stdout
