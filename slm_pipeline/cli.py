@@ -46,6 +46,7 @@ examples:
   slm inspect runs/recipe/mixed
   slm inspect runs/recipe/mixed --json | jq .selections
   slm inspect runs/recipe/mixed --row 12
+  slm inspect runs/recipe/rho1
 """
 
 
@@ -196,14 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = _add_stage(
         commands,
         "inspect",
-        "what a dataset holds: shards, score sets, selections, one row's scores",
+        "what a dataset holds (shards, score sets, selections, one row's scores) or a run did",
         """\
         Summarize DATASET: rows, tokens, bytes/token; per score set the model and mean loss; per
         selection the scorer, ratio, threshold, selected fraction by source, excess-loss
-        percentiles and the tokens kept most and least often. --row shows one row token by token.""",
+        percentiles and the tokens kept most and least often. --row shows one row token by token.
+        For a training run directory: steps, losses, held-out losses, checkpoints, W&B runs.""",
         INSPECT_EXAMPLE,
     )
-    inspect.add_argument("dataset", metavar="DATASET")
+    inspect.add_argument("dataset", metavar="DATASET|RUN", help="a dataset directory, or a training run directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--row", type=int, metavar="SEQ_ID", help="one row's tokens with their scores")
     inspect.set_defaults(run=_run_inspect)
@@ -273,7 +275,12 @@ def _run_inspect(args: argparse.Namespace) -> None:
         view = inspect.row_view(Path(args.dataset), args.row)
         print(json.dumps(view, indent=2) if args.json else "\n".join(inspect.row_lines(view)))
         return
-    summary = inspect.summarize(Path(args.dataset))
+    path = Path(args.dataset)
+    if not (path / "manifest.json").exists() and (path / "metrics.jsonl").exists():  # a training run
+        summary = inspect.summarize_run(path)
+        print(json.dumps(summary, indent=2) if args.json else "\n".join(inspect.run_lines(summary)))
+        return
+    summary = inspect.summarize(path)
     print(json.dumps(summary, indent=2) if args.json else "\n".join(inspect.summary_lines(summary)))
 
 

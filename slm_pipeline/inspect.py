@@ -259,3 +259,47 @@ def row_lines(view: dict) -> list[str]:
         cells = [f"{_cell_text(token[c]):>14}" for c in columns]
         lines.append(f"  {token['position']:>4} {token['text']!r:<17} " + "  ".join(cells))
     return lines
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """The run summary behind `slm inspect RUN`: where the metrics went, and the checkpoints."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise SlmError(f"{run_dir}: neither a dataset (manifest.json) nor a training run (metrics.jsonl)")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    heldout = [(line["step"], line["heldout_loss"]) for line in lines if "heldout_loss" in line]
+    checkpoints = (
+        sorted(
+            (p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+        )
+        if (run_dir / "checkpoints").is_dir()
+        else []
+    )
+    return {
+        "path": str(run_dir),
+        "steps": len(lines),
+        "tokens_seen": lines[-1]["tokens_seen"] if lines else 0,
+        "first": lines[0] if lines else None,
+        "last": lines[-1] if lines else None,
+        "heldout_loss": heldout,
+        "checkpoints": [p.name for p in checkpoints],
+        "wandb_runs": sorted(p.name for p in (run_dir / "wandb").glob("*run-*"))
+        if (run_dir / "wandb").is_dir()
+        else [],
+    }
+
+
+def run_lines(summary: dict) -> list[str]:
+    lines = [f"{summary['path']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens seen"]
+    for label in ("first", "last"):
+        if line := summary[label]:
+            lines.append(
+                f"  step {line['step']:>6}: loss {line['loss']:.4f} (selected), loss_all {line['loss_all']:.4f}, "
+                f"selected {line['selected_fraction']:.0%}, {line['tokens_per_s']:,.0f} tokens/s"
+            )
+    if summary["heldout_loss"]:
+        lines.append("  held-out loss: " + ", ".join(f"step {s} {v:.4f}" for s, v in summary["heldout_loss"]))
+    lines.append(f"  checkpoints: {', '.join(summary['checkpoints']) or 'none'}")
+    if summary["wandb_runs"]:
+        lines.append(f"  W&B: {', '.join(summary['wandb_runs'])} (wandb sync {summary['path']}/wandb/<run> to upload)")
+    return lines

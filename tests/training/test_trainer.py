@@ -160,6 +160,11 @@ def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp
     assert model.config.vocab_size == 4096
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
+    inspected_run = json.loads(run_slm("inspect", str(run), "--json").stdout)
+    assert inspected_run["steps"] == 4 and inspected_run["checkpoints"] == ["step-2", "step-4"]
+    assert inspected_run["heldout_loss"] == [[2, lines[1]["heldout_loss"]], [4, lines[3]["heldout_loss"]]]
+    assert inspected_run["last"] == lines[-1] and len(inspected_run["wandb_runs"]) == 1
+
     # Read the offline run back with W&B's own inspector.
     [log] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     inspected = subprocess.run(
