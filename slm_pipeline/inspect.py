@@ -16,6 +16,7 @@ from slm_pipeline.scoring.score import read_dataset_manifest
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 TOKEN_LIST_LENGTH = 10
 MIN_TOKEN_OCCURRENCES = 20
+STATISTICS_TOKENS = 1 << 24
 """A token must occur this often to rank among the most and least often selected."""
 
 
@@ -77,8 +78,10 @@ def summarize(dataset: Path) -> dict:
 
 
 def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
-    """Excess-loss percentiles, and the tokens kept most and least often."""
+    """Excess-loss percentiles, and the tokens kept most and least often, over the first
+    STATISTICS_TOKENS scorable tokens (memory stays bounded on a large corpus)."""
     scores, kept, tokens = [], [], []
+    counted = 0
     for ids, excess, selected in zip(
         _column(dataset, ("tokens",), "tokens", "input_ids", shards),
         _column(dataset, ("selections", name), "selection", "excess_loss", shards),
@@ -90,6 +93,9 @@ def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
         scores.append(excess[scorable])
         kept.append(np.asarray(selected)[scorable])
         tokens.append(np.asarray(ids)[scorable])
+        counted += len(scores[-1])
+        if counted >= STATISTICS_TOKENS:
+            break
     scores, kept, tokens = np.concatenate(scores), np.concatenate(kept), np.concatenate(tokens)
     occurrences = np.bincount(tokens)
     rate = np.bincount(tokens, weights=kept) / np.maximum(occurrences, 1)
@@ -100,6 +106,7 @@ def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
         return [{"token_id": int(i), "selected_rate": float(rate[i]), "count": int(occurrences[i])} for i in ids]
 
     return {
+        "statistics_tokens": int(len(scores)),
         "excess_loss_percentiles": {
             str(p): float(v) for p, v in zip(PERCENTILES, np.percentile(scores, PERCENTILES), strict=True)
         }
@@ -242,7 +249,7 @@ def summary_lines(summary: dict) -> list[str]:
         for source, counts in selection["by_source"].items():
             lines.append(f"      {counts['fraction']:7.2%}  {source}")
         percentiles = ", ".join(f"p{p} {v:.3g}" for p, v in selection["excess_loss_percentiles"].items())
-        lines.append(f"      excess loss: {percentiles}")
+        lines.append(f"      excess loss over {selection['statistics_tokens']:,} tokens: {percentiles}")
         for key, label in (("most_selected_tokens", "most kept"), ("least_selected_tokens", "least kept")):
             shown = ", ".join(f"{e['text']!r} {e['selected_rate']:.0%}" for e in selection[key])
             lines.append(f"      {label}: {shown}")
