@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from slm_pipeline.data.shards import file_sha256, open_arrow_shard, read_json
+from slm_pipeline.data.shards import file_sha256, open_arrow_shard, read_dataset_manifest, read_json
 from slm_pipeline.errors import SlmError
 from slm_pipeline.schemas import validate
-from slm_pipeline.scoring.score import read_dataset_manifest
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 TOKEN_LIST_LENGTH = 10

@@ -63,3 +63,10 @@ class Packer:
         )
         self._pieces, self._source, self._filled = [], None, 0
         return row
+
+
+def scorable_mask(segment_lengths: list[int]) -> np.ndarray:
+    """bool per token of a row: False at each segment's first token, which has nothing to condition on."""
+    mask = np.ones(sum(segment_lengths), dtype=bool)
+    mask[np.cumsum([0, *segment_lengths[:-1]])] = False
+    return mask

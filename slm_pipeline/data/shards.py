@@ -72,6 +72,25 @@ def read_json(path: Path) -> dict:
         raise SlmError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
 
 
+def read_dataset_manifest(dataset: Path) -> dict:
+    """DATASET/manifest.json, validated: its presence means `slm prepare` finished."""
+    path = dataset / "manifest.json"
+    if not path.exists():
+        raise SlmError(f"{dataset}: no manifest.json; is it a dataset written (to the end) by `slm prepare`?")
+    manifest = read_json(path)
+    validate("dataset-manifest", manifest, str(path))
+    return manifest
+
+
+def check_vocabulary(where: str, model_vocabulary: int, dataset_manifest: dict) -> None:
+    """Refuse a model whose vocabulary cannot cover the token ids of the dataset's tokenizer."""
+    if model_vocabulary < dataset_manifest["vocab_size"]:
+        raise SlmError(
+            f"{where}: its vocabulary has {model_vocabulary} tokens but the dataset's tokenizer "
+            f"({dataset_manifest['tokenizer']['name']}) has {dataset_manifest['vocab_size']}: token ids would overflow"
+        )
+
+
 def fingerprint(identity: dict) -> str:
     """A stable hash of what determines a stage's output (inputs, options, versions)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

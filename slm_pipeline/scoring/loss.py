@@ -8,6 +8,7 @@ Shapes: B rows, T positions, H hidden size, V vocabulary, N = B·T flattened pos
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -21,11 +22,6 @@ def segment_position_ids(segment_lengths: list[list[int]], device: torch.device 
     """[B, T] position ids that restart at 0 at each segment (all rows the same length)."""
     rows = [torch.cat([torch.arange(n) for n in lengths]) for lengths in segment_lengths]
     return torch.stack(rows).to(device)
-
-
-def segment_start_mask(segment_lengths: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
-    """[B, T] bool, True at the first token of each segment."""
-    return segment_position_ids(segment_lengths, device) == 0
 
 
 def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -106,11 +102,11 @@ def windowed_token_loss(
     """
     length = input_ids_T.shape[0]
     loss_T = torch.full((length,), math.nan, dtype=torch.float32, device=input_ids_T.device)
-    starts = torch.tensor([0, *torch.tensor(segment_lengths).cumsum(0)[:-1].tolist()])
+    starts = [0, *itertools.accumulate(segment_lengths[:-1])]
     scored_until = 0
     for begin in range(0, length, stride):
         end = min(begin + window, length)
-        pieces = _clip_segments(starts.tolist(), segment_lengths, begin, end)
+        pieces = _clip_segments(starts, segment_lengths, begin, end)
         window_loss = per_token_loss(model, input_ids_T[None, begin:end], [pieces], chunk_positions)[0]
         loss_T[scored_until:end] = window_loss[scored_until - begin :]
         scored_until = end

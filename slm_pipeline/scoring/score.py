@@ -26,12 +26,15 @@ import numpy as np
 
 from slm_pipeline import __version__
 from slm_pipeline.config import ScoreConfig
+from slm_pipeline.data.packing import scorable_mask
 from slm_pipeline.data.shards import (
     atomic_path,
+    check_vocabulary,
     file_sha256,
     fingerprint,
     finished_manifest,
     open_arrow_shard,
+    read_dataset_manifest,
     read_json,
     remove_temporary_files,
     write_json,
@@ -66,15 +69,6 @@ class ScoreSummary:
         ]
 
 
-def read_dataset_manifest(dataset: Path) -> dict:
-    path = dataset / "manifest.json"
-    if not path.exists():
-        raise SlmError(f"{dataset}: no manifest.json; is it a dataset written (to the end) by `slm prepare`?")
-    manifest = read_json(path)
-    validate("dataset-manifest", manifest, str(path))
-    return manifest
-
-
 def weights_sha256(model_dir: Path) -> str:
     """One hash over the weight files (and config.json) of a model directory."""
     files = sorted(
@@ -88,7 +82,7 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def check_model_fits_dataset(config: ScoreConfig, dataset_manifest: dict) -> dict:
+def check_model_fits_dataset(config: ScoreConfig, dataset_manifest: dict) -> None:
     """Read the model's config (not its weights) and refuse a model that cannot score this dataset."""
     from transformers import AutoConfig
 
@@ -100,11 +94,7 @@ def check_model_fits_dataset(config: ScoreConfig, dataset_manifest: dict) -> dic
     except Exception as error:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise SlmError(f"--model {config.model}: cannot read config.json ({error})".splitlines()[0]) from None
     model_vocab = getattr(model_config, "vocab_size", None) or getattr(model_config.get_text_config(), "vocab_size", 0)
-    if model_vocab < dataset_manifest["vocab_size"]:
-        raise SlmError(
-            f"--model {config.model}: its vocabulary has {model_vocab} tokens but the dataset's tokenizer "
-            f"({dataset_manifest['tokenizer']['name']}) has {dataset_manifest['vocab_size']}: token ids would overflow"
-        )
+    check_vocabulary(f"--model {config.model}", model_vocab, dataset_manifest)
     context = getattr(model_config, "max_position_embeddings", None)
     longest = config.window or dataset_manifest["seq_len"]
     if context is not None and context < longest:
@@ -112,7 +102,6 @@ def check_model_fits_dataset(config: ScoreConfig, dataset_manifest: dict) -> dic
             f"--model {config.model}: its context is {context} tokens but rows hold up to {longest}; "
             "pass --window and --stride (or extend its context through rope_scaling)"
         )
-    return model_config.to_dict()
 
 
 def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
@@ -386,9 +375,7 @@ def _equal_length_groups(lengths: list[int], batch_size: int) -> list[list[int]]
 
 def _check_finite(shard: str, seq_id: int, loss: np.ndarray, segment_lengths: list[int]) -> None:
     """Only segment starts may be NaN: anything else non-finite means broken weights or numerics."""
-    expected_nan = np.zeros(len(loss), dtype=bool)
-    expected_nan[np.cumsum([0, *segment_lengths[:-1]])] = True
-    bad = np.flatnonzero(~np.isfinite(loss) & ~expected_nan)
+    bad = np.flatnonzero(~np.isfinite(loss) & scorable_mask(segment_lengths))
     if len(bad):
         raise SlmError(f"{shard}: row seq_id {seq_id}, position {bad[0]}: loss is {loss[bad[0]]}")
 

@@ -20,19 +20,20 @@ import numpy as np
 
 from slm_pipeline import __version__
 from slm_pipeline.config import SelectConfig
+from slm_pipeline.data.packing import scorable_mask
 from slm_pipeline.data.shards import (
     atomic_path,
     file_sha256,
     fingerprint,
     finished_manifest,
     open_arrow_shard,
+    read_dataset_manifest,
     read_json,
     write_json,
 )
 from slm_pipeline.errors import SlmError
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.scoring import policies
-from slm_pipeline.scoring.score import read_dataset_manifest
 
 
 @dataclass
@@ -206,9 +207,7 @@ class _ShardJob:
 
     def _score(self, seq_id: int, segment_lengths: list[int], losses: dict[str, list]) -> np.ndarray:
         if self.scorer == "random":
-            scorable = np.ones(sum(segment_lengths), dtype=bool)
-            scorable[np.cumsum([0, *segment_lengths[:-1]])] = False
-            return policies.random_score(self.seed, seq_id, scorable)
+            return policies.random_score(self.seed, seq_id, scorable_mask(segment_lengths))
         reference = np.asarray(losses[self.reference], dtype=np.float32)
         if self.scorer == "reference":
             return policies.reference_score(reference)

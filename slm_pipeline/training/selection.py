@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slm_pipeline.data.packing import scorable_mask
 from slm_pipeline.scoring import policies
 
 MODES = ("clm", "static", "rho1", "random")
@@ -40,10 +41,7 @@ class MicroBatch:
     @property
     def scorable(self) -> np.ndarray:
         """[B, T] bool: False at each segment's first token."""
-        mask = np.ones(self.input_ids.shape, dtype=bool)
-        for row, lengths in enumerate(self.segment_lengths):
-            mask[row, np.cumsum([0, *lengths[:-1]])] = False
-        return mask
+        return np.stack([scorable_mask(lengths) for lengths in self.segment_lengths])
 
 
 @dataclass(frozen=True)

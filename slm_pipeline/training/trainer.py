@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from slm_pipeline.config import TrainConfig
+from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest
 from slm_pipeline.errors import SlmError
 from slm_pipeline.scoring.loss import chunked_cross_entropy, final_hidden_states, segment_position_ids
-from slm_pipeline.scoring.score import read_dataset_manifest
 from slm_pipeline.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from slm_pipeline.training.data import StepSchedule, TrainingRows
 from slm_pipeline.training.metrics import MetricsLogger, truncate_metrics
@@ -62,11 +62,7 @@ def check_model_vocabulary(config: TrainConfig, dataset_manifest: dict) -> None:
         if not (Path(config.model) / "config.json").exists():
             raise SlmError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
         vocab = AutoConfig.from_pretrained(config.model).vocab_size
-    if vocab < dataset_manifest["vocab_size"]:
-        raise SlmError(
-            f"model: its vocabulary has {vocab} tokens but the dataset's tokenizer has "
-            f"{dataset_manifest['vocab_size']}: token ids would overflow"
-        )
+    check_vocabulary("model", vocab, dataset_manifest)
 
 
 def check_sidecars(config: TrainConfig, dataset: Path, dataset_manifest: dict) -> None:
