@@ -45,8 +45,31 @@ INSPECT_EXAMPLE = """\
 examples:
   slm inspect runs/recipe/mixed
   slm inspect runs/recipe/mixed --json | jq .selections
+  slm inspect runs/recipe/mixed --html report.html
   slm inspect runs/recipe/mixed --row 12
   slm inspect runs/recipe/rho1
+"""
+
+EVAL_EXAMPLE = """\
+examples:
+  # a run on the rows it held out of its dataset:
+  slm eval runs/quickstart/rho1 runs/quickstart/mixed
+  # a checkpoint on every row of an evaluation set, as JSON:
+  slm eval runs/quickstart/rho1/checkpoints/step-150 runs/heldout-set --json
+"""
+
+RUN_EXAMPLE = """\
+examples:
+  slm run jobs/quickstart.yaml
+  slm run jobs/quickstart.yaml --out /tmp/qs --set rho1.steps=300 --set rho1.wandb.mode=online
+  RAY_ADDRESS=ray-head:6379 slm run jobs/cluster-rho1-1b.yaml --out /shared/runs/rho1-1b
+"""
+
+SUBMIT_EXAMPLE = """\
+examples:
+  WANDB_API_KEY=... slm submit jobs/cluster-rho1-1b.yaml --address http://ray-head:8265 --out /shared/runs/rho1-1b
+  slm status raysubmit_8hTqk2 --address http://ray-head:8265
+  slm logs raysubmit_8hTqk2 --address http://ray-head:8265 --follow
 """
 
 
@@ -208,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("dataset", metavar="DATASET|RUN", help="a dataset directory, or a training run directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--row", type=int, metavar="SEQ_ID", help="one row's tokens with their scores")
+    inspect.add_argument(
+        "--html", metavar="OUT.html", help="also write a self-contained HTML report (token heatmaps, histograms)"
+    )
     inspect.set_defaults(run=_run_inspect)
 
     verify = _add_stage(
@@ -222,7 +248,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("dataset", metavar="DATASET")
     verify.set_defaults(run=_run_verify)
+
+    evaluate = _add_stage(
+        commands,
+        "eval",
+        "held-out loss of a model, overall and per source",
+        """\
+        Loss of MODEL (an HF directory, or a training run: its newest checkpoint) on every scorable token
+        of DATASET's rows, overall and per source. If MODEL is a run that trained on DATASET, only the
+        rows that run held out are used (RUN/heldout.json), so training rows never count.""",
+        EVAL_EXAMPLE,
+    )
+    evaluate.add_argument("model", metavar="MODEL|RUN")
+    evaluate.add_argument("dataset", metavar="DATASET")
+    evaluate.add_argument("--max-rows", type=int, metavar="N", help="at most N rows")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward (default: 8)")
+    evaluate.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk")
+    evaluate.add_argument("--out", metavar="FILE.json", help="also write the result to this JSON file")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_run_eval)
+
+    run = _add_stage(
+        commands,
+        "run",
+        "run a job file: its stages in order, on the local Ray or the cluster at RAY_ADDRESS",
+        """\
+        Run JOB.yaml's stages in order (prepare, score, select, train, eval, inspect; format:
+        jobs/README.md). Outputs go under DIR (default runs/<job name>); `{out}` in the job file
+        stands for it. A re-run skips the stages that finished with the same options.""",
+        RUN_EXAMPLE,
+    )
+    run.add_argument("job", metavar="JOB.yaml")
+    run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
+    _add_job_overrides(run)
+    run.set_defaults(run=_run_job)
+
+    submit = _add_stage(
+        commands,
+        "submit",
+        "submit a job file to a Ray cluster as a Ray Job",
+        """\
+        Submit `slm run JOB.yaml` to the cluster whose dashboard is at ADDRESS. This directory travels
+        as the job's working_dir (without .git, .venv, runs/, wandb/ and caches); WANDB_*, HF_* variables
+        travel in its environment and are never printed. DIR must be storage every node sees.""",
+        SUBMIT_EXAMPLE,
+    )
+    submit.add_argument("job", metavar="JOB.yaml", help="a job file inside this directory")
+    _add_address(submit)
+    submit.add_argument("--out", metavar="DIR", help="output directory on the cluster (default: runs/<job name>)")
+    _add_job_overrides(submit)
+    submit.set_defaults(run=_run_submit)
+
+    status = _add_stage(commands, "status", "a submitted job's status", "Status of a submitted Ray Job.", "")
+    status.add_argument("job_id", metavar="JOB_ID")
+    _add_address(status)
+    status.set_defaults(run=_run_status)
+
+    logs = _add_stage(commands, "logs", "a submitted job's log", "Print a submitted Ray Job's log.", "")
+    logs.add_argument("job_id", metavar="JOB_ID")
+    _add_address(logs)
+    logs.add_argument("--follow", action="store_true", help="print until the job ends; exit 1 unless it succeeded")
+    logs.set_defaults(run=_run_logs)
     return parser
+
+
+def _add_job_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a stage's option (VALUE is YAML), repeatable",
+    )
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", metavar="URL", help="Ray dashboard, http://HOST:8265 (default: RAY_ADDRESS)")
 
 
 def _config_from_args(config_class, args: argparse.Namespace):
@@ -282,6 +385,11 @@ def _run_inspect(args: argparse.Namespace) -> None:
         return
     summary = inspect.summarize(path)
     print(json.dumps(summary, indent=2) if args.json else "\n".join(inspect.summary_lines(summary)))
+    if args.html:
+        from slm_pipeline.report import write_report
+
+        write_report(path, Path(args.html), summary)
+        print(f"report: {args.html}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _run_verify(args: argparse.Namespace) -> None:
@@ -295,6 +403,53 @@ def _run_verify(args: argparse.Namespace) -> None:
         print("\n".join(problems))
         raise SlmError(f"{args.dataset}: {len(problems)} problem(s)")
     print(f"{args.dataset}: every shard matches its manifest")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from slm_pipeline.config import EvalConfig
+    from slm_pipeline.evaluation.heldout import evaluate
+
+    result = evaluate(_config_from_args(EvalConfig, args), show_progress=not args.no_progress)
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else "\n".join(result.lines()))
+
+
+def _run_job(args: argparse.Namespace) -> None:
+    from slm_pipeline import jobs
+
+    job = jobs.load_job(args.job, args.out, args.overrides)
+    results = jobs.run_job(job)
+    print("\n" + "\n".join(jobs.where_lines(job, results)))
+
+
+def _run_submit(args: argparse.Namespace) -> None:
+    from slm_pipeline import jobs
+
+    job_id, job, passed = jobs.submit_job(args.job, args.address, args.out, args.overrides)
+    address = f" --address {args.address}" if args.address else ""
+    print(f"submitted {job.name} ({args.job}) as Ray Job {job_id}; outputs: {job.out}")
+    if passed:
+        print(f"environment passed to the job (values not shown): {', '.join(passed)}")
+    print(f"follow it:  slm logs {job_id}{address} --follow")
+    print(f"status:     slm status {job_id}{address}")
+
+
+def _run_status(args: argparse.Namespace) -> None:
+    from slm_pipeline import jobs
+
+    lines, _ = jobs.job_status_lines(args.job_id, args.address)
+    print("\n".join(lines))
+
+
+def _run_logs(args: argparse.Namespace) -> None:
+    from slm_pipeline import jobs
+    from slm_pipeline.errors import SlmError
+
+    status = jobs.print_job_logs(args.job_id, args.address, args.follow)
+    if args.follow and status != "SUCCEEDED":
+        raise SlmError(f"{args.job_id} ended {status}")
 
 
 def main(argv: list[str] | None = None) -> int:

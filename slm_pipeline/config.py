@@ -131,6 +131,39 @@ class SelectConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`slm eval`: held-out loss of a model on a dataset, overall and per source."""
+
+    model: str
+    """A Hugging Face model directory, or a training run directory (its newest checkpoint)."""
+    dataset: str
+    """A directory written by `slm prepare`."""
+    max_rows: int | None = None
+    """Evaluate at most this many rows (the first ones of the chosen set)."""
+    batch_size: int = 8
+    """Rows per forward pass."""
+    chunk_positions: int = 4096
+    """Positions per LM-head chunk."""
+    out: str | None = None
+    """Also write the result as JSON to this file."""
+
+    def __post_init__(self) -> None:
+        if self.max_rows is not None and self.max_rows < 1:
+            raise SlmError(f"--max-rows must be at least 1, got {self.max_rows}")
+        if self.batch_size < 1:
+            raise SlmError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class InspectConfig:
+    """`slm inspect` as a job stage: the summary, and the HTML report if `html` is set."""
+
+    dataset: str
+    html: str | None = None
+    """Write the self-contained HTML report here."""
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases. Offline by default; the API key comes from the environment, never from here."""
 
@@ -205,11 +238,13 @@ class TrainConfig:
     """Excess-loss histogram and sample rows with the selected tokens marked, in W&B."""
     resume: bool = False
     """Continue from the newest complete checkpoint in out/."""
+    overwrite: bool = False
+    """Start afresh in an `out` that holds checkpoints (they, metrics.jsonl and heldout.json are removed)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.wandb, dict):
-            self.wandb = _build(WandbConfig, self.wandb, "wandb.")
+            self.wandb = build_config(WandbConfig, self.wandb, "wandb.")
         self.adam_betas = tuple(self.adam_betas)
         if self.mode not in ("clm", "static", "rho1", "random"):
             raise SlmError(f"mode must be clm, static, rho1 or random, got {self.mode!r}")
@@ -228,19 +263,27 @@ class TrainConfig:
             raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
 
 
-def _build(cls, values: dict, prefix: str = ""):
-    """cls(**values), naming any key cls does not have."""
+def build_config(cls, values: dict, prefix: str = ""):
+    """cls(**values), naming any key cls does not have, and any required key missing."""
     import dataclasses
 
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SlmError(f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    required = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+    ]
+    if required:
+        raise SlmError(f"missing required key {prefix}{required[0]!r}")
     return cls(**values)
 
 
-def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file and KEY=VALUE overrides (VALUE parsed as YAML; dotted keys nest)."""
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from a file; errors name the file and line."""
     import yaml
 
     try:
@@ -254,6 +297,13 @@ def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise SlmError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(values, dict):
         raise SlmError(f"{path}: expected a mapping of config keys")
+    return values
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> None:
+    """Apply KEY=VALUE overrides in place (VALUE parsed as YAML; dotted keys reach nested mappings)."""
+    import yaml
+
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
@@ -262,11 +312,16 @@ def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         *parents, leaf = key.split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise SlmError(f"--set {override!r}: {parent} is not a mapping")
         target[leaf] = yaml.safe_load(raw)
-    missing = [k for k in ("data", "model", "out", "steps") if k not in values]
-    if missing:
-        raise SlmError(f"{path}: missing required key {missing[0]!r}")
+
+
+def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file and KEY=VALUE overrides (VALUE parsed as YAML; dotted keys nest)."""
+    values = read_yaml(path)
+    apply_overrides(values, overrides)
     try:
-        return _build(TrainConfig, values)
+        return build_config(TrainConfig, values)
     except SlmError as error:
         raise SlmError(f"{path}: {error}") from None

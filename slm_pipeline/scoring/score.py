@@ -15,6 +15,7 @@ exceptions, so that the user reads one clear line rather than a Ray traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -41,6 +42,7 @@ from slm_pipeline.data.shards import (
 )
 from slm_pipeline.errors import SlmError
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
+from slm_pipeline.training.checkpoint import model_directory
 
 DONE_DIR = ".done"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -106,6 +108,7 @@ def check_model_fits_dataset(config: ScoreConfig, dataset_manifest: dict) -> Non
 
 def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
     started = time.perf_counter()
+    config = dataclasses.replace(config, model=model_directory(config.model))
     dataset = Path(config.dataset)
     dataset_manifest = read_dataset_manifest(dataset)
     check_model_fits_dataset(config, dataset_manifest)

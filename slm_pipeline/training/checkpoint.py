@@ -16,7 +16,11 @@ from pathlib import Path
 
 import torch
 
+from slm_pipeline.errors import SlmError
+
 STATE_FILE = "trainer_state.pt"
+HELDOUT_FILE = "heldout.json"
+"""RUN/heldout.json: the dataset fingerprint and the seq_ids of the rows the run never trains on."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -55,6 +59,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name))]
     complete = [(step, path) for step, path in steps if (path / STATE_FILE).exists()]
     return max(complete)[1] if complete else None
+
+
+def model_directory(path: str) -> str:
+    """An HF model directory as given, or, for a training run directory, its newest complete checkpoint:
+    `slm score`, `slm eval` and `model:` of `slm train` all take a run where they take a model."""
+    if (Path(path) / "config.json").exists() or not (Path(path) / "checkpoints").is_dir():
+        return path  # a model directory, or not one: the caller's own check names the problem
+    checkpoint = latest_checkpoint(Path(path))
+    if checkpoint is None:
+        raise SlmError(f"{path}: a training run with no complete checkpoint yet")
+    return str(checkpoint)
 
 
 def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +20,16 @@ import numpy as np
 import torch
 
 from slm_pipeline.config import TrainConfig
-from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest
+from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest, write_json
 from slm_pipeline.errors import SlmError
 from slm_pipeline.scoring.loss import chunked_cross_entropy, final_hidden_states, segment_position_ids
-from slm_pipeline.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from slm_pipeline.training.checkpoint import (
+    HELDOUT_FILE,
+    latest_checkpoint,
+    load_trainer_state,
+    model_directory,
+    save_checkpoint,
+)
 from slm_pipeline.training.data import StepSchedule, TrainingRows
 from slm_pipeline.training.metrics import MetricsLogger, truncate_metrics
 from slm_pipeline.training.selection import Selector
@@ -132,12 +139,17 @@ class Trainer:
             self.rows.train, config.rows_per_micro_batch, config.accumulation, world_size, config.seed
         )
         self.selector = Selector(config.mode, config.ratio, config.scope, config.seed)
+        if rank == 0:  # `slm eval RUN DATASET` evaluates on exactly the rows this run never trained on
+            write_json(
+                self.run_dir / HELDOUT_FILE,
+                {"dataset_fingerprint": manifest["fingerprint"], "seq_ids": self.rows.heldout.tolist()},
+            )
 
         self.step, self.counters = 0, {"tokens": 0, "selected_tokens": 0}
         if checkpoint:
             self.step, self.counters = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
-            if rank == 0:
-                truncate_metrics(self.run_dir, self.step)
+        if rank == 0:  # lines past the checkpoint (or of an attempt that never reached one) are redone
+            truncate_metrics(self.run_dir, self.step)
         self.logger = MetricsLogger(self.run_dir, config, config.resume) if rank == 0 else None
         self.tokenizer = None
 
@@ -332,12 +344,12 @@ def train(config: TrainConfig) -> dict:
         config,
         data=str(Path(config.data).resolve()),
         out=str(Path(config.out).resolve()),
-        model=str(Path(config.model).resolve()) if isinstance(config.model, str) else config.model,
+        model=str(Path(model_directory(config.model)).resolve()) if isinstance(config.model, str) else config.model,
     )
     manifest = read_dataset_manifest(Path(config.data))
     check_sidecars(config, Path(config.data), manifest)
     check_model_vocabulary(config, manifest)
-    Path(config.out).mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(config)
     if config.workers == 0:
         return Trainer(config).train()
 
@@ -357,6 +369,23 @@ def train(config: TrainConfig) -> dict:
     )
     trainer.fit()
     return last_metrics(Path(config.out))
+
+
+def prepare_run_dir(config: TrainConfig) -> None:
+    """Create RUN; a fresh start clears what an earlier run left there (its checkpoints only with `overwrite`)."""
+    run = Path(config.out)
+    if config.resume:
+        run.mkdir(parents=True, exist_ok=True)
+        return
+    if latest_checkpoint(run) is not None and not config.overwrite:
+        raise SlmError(
+            f"{run} holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or --set overwrite=true to start over (its checkpoints are removed)"
+        )
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    for stale in ("metrics.jsonl", HELDOUT_FILE):
+        (run / stale).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
 
 
 def last_metrics(run_dir: Path) -> dict:

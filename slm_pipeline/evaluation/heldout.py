@@ -1,0 +1,136 @@
+"""`slm eval`: a model's loss on a dataset's held-out rows, overall and per source.
+
+Which rows: when MODEL is a training run that trained on DATASET, the rows that run held out
+(RUN/heldout.json), so the loss is never measured on training rows; otherwise every row of
+DATASET (a separate evaluation dataset). Tokens are scored as `slm score` scores them: with
+document masking, every token but each segment's first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm_pipeline.config import EvalConfig
+from slm_pipeline.data.shards import open_arrow_shard, read_dataset_manifest, read_json, write_json
+from slm_pipeline.errors import SlmError
+from slm_pipeline.training.checkpoint import HELDOUT_FILE, model_directory
+
+
+@dataclass
+class EvalResult:
+    model: str
+    dataset: str
+    rows: int
+    row_set: str
+    """`heldout by RUN` or `all rows`."""
+    tokens: int
+    loss: float
+    by_source: dict[str, dict] = field(default_factory=dict)
+    """source → {tokens, loss}; a row counts towards the source of its first document."""
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"model {self.model}",
+            f"dataset {self.dataset}: {self.rows} rows ({self.row_set}), {self.tokens:,} tokens scored",
+            f"loss {self.loss:.4f}",
+        ]
+        width = max((len(s) for s in self.by_source), default=0)
+        for source, totals in self.by_source.items():
+            lines.append(f"  {source:<{width}}  loss {totals['loss']:.4f}  ({totals['tokens']:,} tokens)")
+        return lines
+
+
+def evaluation_rows(run_or_model: str, dataset: Path, manifest: dict) -> tuple[np.ndarray, str]:
+    """The run's held-out rows if MODEL is a run that trained on DATASET, else every row."""
+    heldout = Path(run_or_model) / HELDOUT_FILE
+    if heldout.exists():
+        record = read_json(heldout)
+        if record["dataset_fingerprint"] == manifest["fingerprint"]:
+            if not record["seq_ids"]:
+                raise SlmError(f"{run_or_model}: the run held out no rows of {dataset} (heldout_rows: 0)")
+            return np.asarray(record["seq_ids"], dtype=np.int64), f"held out by {run_or_model}"
+    return np.arange(manifest["rows"], dtype=np.int64), "all rows"
+
+
+def _read_rows(dataset: Path, manifest: dict, wanted: np.ndarray):
+    """(input_ids, segment_lengths, source) of the wanted rows, in seq_id order, shard by shard."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted_array = pa.array(np.sort(wanted))
+    for shard in manifest["shards"]:
+        table = open_arrow_shard(dataset / "tokens" / shard["name"], "tokens").read_all()
+        table = table.filter(pc.is_in(table.column("seq_id"), value_set=wanted_array))
+        yield from zip(
+            table.column("input_ids").to_pylist(),
+            table.column("segment_lengths").to_pylist(),
+            table.column("source").to_pylist(),
+            strict=True,
+        )
+
+
+def _batches(rows, batch_size: int):
+    """Runs of up to batch_size rows of equal length (only the corpus's last row may be shorter)."""
+    batch: list = []
+    for row in rows:
+        if batch and (len(batch) == batch_size or len(row[0]) != len(batch[0][0])):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from slm_pipeline.data.shards import check_vocabulary
+    from slm_pipeline.scoring.loss import per_token_loss
+
+    dataset = Path(config.dataset)
+    manifest = read_dataset_manifest(dataset)
+    model_dir = model_directory(config.model)
+    if not (Path(model_dir) / "config.json").exists():
+        raise SlmError(f"{config.model}: neither a Hugging Face model directory nor a training run")
+    rows, row_set = evaluation_rows(config.model, dataset, manifest)
+    rows = rows[: config.max_rows]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    check_vocabulary(f"{config.model}", model.config.vocab_size, manifest)
+    model = model.to(device).eval()
+
+    sums: dict[str, list[float]] = {}  # source → [loss sum, tokens]
+    progress = tqdm(total=len(rows), desc="eval", unit="row", disable=not show_progress)
+    for batch in _batches(_read_rows(dataset, manifest, rows), config.batch_size):
+        ids = torch.tensor([row[0] for row in batch], dtype=torch.long, device=device)
+        loss = per_token_loss(model, ids, [row[1] for row in batch], config.chunk_positions).cpu().numpy()
+        for row_loss, (_, _, source) in zip(loss, batch, strict=True):
+            finite = row_loss[~np.isnan(row_loss)]
+            total = sums.setdefault(source, [0.0, 0])
+            total[0] += float(finite.astype(np.float64).sum())
+            total[1] += len(finite)
+        progress.update(len(batch))
+    progress.close()
+
+    tokens = sum(count for _, count in sums.values())
+    result = EvalResult(
+        model=model_dir,
+        dataset=str(dataset),
+        rows=len(rows),
+        row_set=row_set,
+        tokens=tokens,
+        loss=sum(total for total, _ in sums.values()) / max(tokens, 1),
+        by_source={s: {"tokens": n, "loss": total / max(n, 1)} for s, (total, n) in sorted(sums.items())},
+    )
+    if config.out:
+        write_json(Path(config.out), dataclasses.asdict(result))
+    return result
