@@ -262,15 +262,33 @@ def job_client(address: str | None):
     """A JobSubmissionClient for the dashboard at ADDRESS (or RAY_ADDRESS when it is an http address)."""
     import os
 
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address.startswith(("http://", "https://")):
         raise SlmError("pass --address http://HOST:8265 (the Ray dashboard of the cluster), or set RAY_ADDRESS to it")
+    _use_ray_token_if_available()
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise SlmError(
+            f"{address} requires a Ray token: set RAY_AUTH_TOKEN (or write ~/.ray/auth_token) and RAY_AUTH_MODE=token"
+        ) from None
     except (ConnectionError, RuntimeError) as error:
         raise SlmError(f"{address}: cannot reach the Ray dashboard ({str(error).splitlines()[0]})") from None
+
+
+def _use_ray_token_if_available() -> None:
+    """Send the local Ray token (RAY_AUTH_TOKEN, ~/.ray/auth_token) as `ray start` does when it finds one:
+    Ray 2.5x clusters require it by default, and Ray's job client only sends it with RAY_AUTH_MODE=token."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def submit_job(path: str, address: str | None, out: str | None, overrides: list[str]) -> tuple[str, Job, list[str]]:

@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,10 +21,28 @@ def test_ci_runs_the_readme_test_command():
     assert ci_command.endswith("pytest -q")
 
 
-def test_quickstart_command_parses_with_the_cli():
+def test_quickstart_command_runs_the_quickstart_job():
     from slm_pipeline.cli import build_parser
+    from slm_pipeline.jobs import load_job
 
     [quickstart] = [c for c in readme_commands() if ".venv/bin/slm " in c]
-    slm_args = shlex.split(quickstart.split(".venv/bin/slm ", 1)[1])
-    args = build_parser().parse_args(slm_args)
-    assert args.command == "prepare" and args.inputs == ["builtin:python-docs", "builtin:web-noise"]
+    args = build_parser().parse_args(shlex.split(quickstart.split(".venv/bin/slm ", 1)[1]))
+    assert args.command == "run" and args.job == "jobs/quickstart.yaml"
+    job = load_job(str(ROOT / args.job))
+    assert [stage.kind for stage in job.stages if stage.kind not in ("prepare", "score")] == [
+        "train", "train", "select", "train", "eval", "eval", "inspect"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_file_in_jobs_loads(path):
+    """Job files build every stage's config; training configs build a TrainConfig: no typo survives."""
+    import yaml
+
+    from slm_pipeline.config import load_train_config
+    from slm_pipeline.jobs import load_job
+
+    if "stages" in yaml.safe_load(path.read_text()):
+        assert load_job(str(path)).stages
+    else:
+        assert load_train_config(str(path)).steps > 0
