@@ -252,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _add_stage(
         commands,
         "eval",
-        "held-out loss of a model, overall and per source",
+        "held-out loss per source, and long-context probes (passkey, needles, variable tracking)",
         """\
         Loss of MODEL (an HF directory, or a training run: its newest checkpoint) on every scorable token
         of DATASET's rows, overall and per source. If MODEL is a run that trained on DATASET, only the
-        rows that run held out are used (RUN/heldout.json), so training rows never count.""",
+        rows that run held out are used (RUN/heldout.json), so training rows never count. Then the
+        probes, built from the model's tokenizer: passkey retrieval and RULER-style single and multi-key
+        needles and variable tracking at depths 0-100% and lengths up to the model's maximum, scored by
+        the answer's teacher-forced log-probability and by exact match of greedy decoding.""",
         EVAL_EXAMPLE,
     )
     evaluate.add_argument("model", metavar="MODEL|RUN")
@@ -265,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward (default: 8)")
     evaluate.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk")
     evaluate.add_argument("--out", metavar="FILE.json", help="also write the result to this JSON file")
+    evaluate.add_argument("--no-probes", dest="probes", action="store_false", help="held-out loss only")
+    evaluate.add_argument(
+        "--probe-lengths",
+        type=lambda text: [int(n) for n in text.split(",")],
+        metavar="N,N,...",
+        help="probe lengths in tokens (default: 256, 512, ... up to the model's maximum)",
+    )
+    evaluate.add_argument("--probe-samples", type=int, default=2, metavar="S", help="probes per cell (default: 2)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_run_eval)

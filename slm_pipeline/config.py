@@ -146,12 +146,44 @@ class EvalConfig:
     """Positions per LM-head chunk."""
     out: str | None = None
     """Also write the result as JSON to this file."""
+    probes: bool = True
+    """Run the long-context probes (passkey, needles, variable tracking)."""
+    probe_lengths: list[int] | None = None
+    """Probe lengths in tokens; default 256, 512, ... up to the model's maximum."""
+    probe_samples: int = 2
+    """Probes per (task, length, depth) cell, each with its own hidden value."""
 
     def __post_init__(self) -> None:
+        if self.probe_samples < 1:
+            raise SlmError(f"--probe-samples must be at least 1, got {self.probe_samples}")
+        if self.probe_lengths is not None and any(n < 256 for n in self.probe_lengths):
+            raise SlmError(f"--probe-lengths must be at least 256 tokens each, got {self.probe_lengths}")
         if self.max_rows is not None and self.max_rows < 1:
             raise SlmError(f"--max-rows must be at least 1, got {self.max_rows}")
         if self.batch_size < 1:
             raise SlmError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class CompareConfig:
+    """The `compare` job stage: training runs side by side (evaluation/ablation.py)."""
+
+    runs: dict[str, list[str]]
+    """Name → training run directories, one per seed (a single directory is one seed)."""
+    dataset: str
+    """The dataset the runs trained on: each is evaluated on the rows it held out."""
+    clean_source: str
+    """The source whose held-out loss is the headline number (e.g. builtin:python-docs)."""
+    out: str
+    """Directory for results.json, results.md and heldout_clean_loss.png."""
+    noisy_source: str | None = None
+    probes: bool = True
+    probe_samples: int = 2
+
+    def __post_init__(self) -> None:
+        self.runs = {name: [dirs] if isinstance(dirs, str) else list(dirs) for name, dirs in self.runs.items()}
+        if not self.runs or not all(self.runs.values()):
+            raise SlmError("runs: name each compared run and give at least one run directory")
 
 
 @dataclass
@@ -232,6 +264,8 @@ class TrainConfig:
     """Merged into the model's HF config, e.g. {max_position_embeddings: 32768, rope_scaling: {...}}."""
     heldout_rows: int = 8
     """Rows held out of training for the held-out loss."""
+    heldout_seed: int | None = None
+    """Seeds the choice of held-out rows (default: `seed`); fix it to compare runs of several seeds on the same rows."""
     eval_every: int = 50
     """Held-out loss every this many steps (and at the end; 0: only at the end)."""
     log_samples_every: int = 50

@@ -3,7 +3,7 @@
     name: quickstart
     stages:                          # run in this order
       clean:                         # the stage's id: `--set clean.seq_len=512`
-        run: prepare                 # prepare | score | select | train | eval | inspect
+        run: prepare                 # prepare | score | select | train | eval | inspect | compare
         inputs: [builtin:python-docs]
         tokenizer: builtin:pydoc-bpe-4k
         seq_len: 256
@@ -84,6 +84,13 @@ def _run_inspect(config: configs.InspectConfig) -> tuple[list[str], dict]:
     return lines, {"html": config.html, **summary}
 
 
+def _run_compare(config: configs.CompareConfig) -> tuple[list[str], dict]:
+    from slm_pipeline.evaluation.ablation import compare, compare_lines
+
+    results = compare(config)
+    return compare_lines(results, config), results
+
+
 @dataclass(frozen=True)
 class StageKind:
     config: type
@@ -97,6 +104,7 @@ STAGE_KINDS = {
     "train": StageKind(configs.TrainConfig, _run_train),
     "eval": StageKind(configs.EvalConfig, _run_eval),
     "inspect": StageKind(configs.InspectConfig, _run_inspect),
+    "compare": StageKind(configs.CompareConfig, _run_compare),
 }
 
 
@@ -269,6 +277,9 @@ def job_client(address: str | None):
     if not address.startswith(("http://", "https://")):
         raise SlmError("pass --address http://HOST:8265 (the Ray dashboard of the cluster), or set RAY_ADDRESS to it")
     _use_ray_token_if_available()
+    # Ray's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over its own argument; the address
+    # given here must win (RAY_ADDRESS may name the cluster's GCS for `slm run`).
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:

@@ -99,7 +99,7 @@ def _png(figure) -> str:
 def _histograms(series: dict[str, np.ndarray], title: str) -> str:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * len(series), 3.0))
+    figure = Figure(figsize=(4.2 * len(series), 3.2), layout="constrained")
     for axis, (label, values) in zip(figure.subplots(1, len(series), squeeze=False)[0], series.items(), strict=True):
         axis.hist(values.astype(np.float64), bins=80, color="#4c72b0")
         axis.set_title(label)
@@ -112,7 +112,7 @@ def _histograms(series: dict[str, np.ndarray], title: str) -> str:
 def _selected_fraction_figure(view: SelectionView, seq_len: int) -> str:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 3.0))
+    figure = Figure(figsize=(10, 3.0), layout="constrained")
     by_position, by_source = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     centres = (np.arange(POSITION_BINS) + 0.5) * seq_len / POSITION_BINS
     fraction = view.selected_by_position / np.maximum(view.scorable_by_position, 1)
@@ -123,7 +123,6 @@ def _selected_fraction_figure(view: SelectionView, seq_len: int) -> str:
     sources = view.manifest["by_source"]
     by_source.barh(list(sources), [v["fraction"] for v in sources.values()], color="#dd8452")
     by_source.set(xlim=(0, 1), xlabel="selected fraction", title="by source")
-    figure.tight_layout()
     return _png(figure)
 
 

@@ -25,7 +25,7 @@ stages:
     run: train
     data: "{out}/data"
     model: &tiny {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
-                  num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+                  num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}
     out: "{out}/reference"
     steps: 4
     rows_per_micro_batch: 4
@@ -38,11 +38,15 @@ stages:
   select: {run: select, dataset: "{out}/data", reference: reference, training: base, ratio: 0.6, name: rho1-60}
   rho1: {run: train, data: "{out}/data", model: "{out}/base", out: "{out}/rho1", mode: rho1, reference: reference,
          steps: 3, rows_per_micro_batch: 4, heldout_rows: 4, eval_every: 0}
+  clm: {run: train, data: "{out}/data", model: "{out}/base", out: "{out}/clm", steps: 3, rows_per_micro_batch: 4,
+        heldout_rows: 4, wandb: {mode: disabled}}
   eval: {run: eval, model: "{out}/rho1", dataset: "{out}/data", batch_size: 3}
+  compare: {run: compare, runs: {clm: "{out}/clm", rho1: ["{out}/rho1"]}, dataset: "{out}/data", clean_source: CORPUS,
+            out: "{out}/comparison"}
   report: {run: inspect, dataset: "{out}/data", html: "{out}/report.html"}
 """
-"""The recipe in miniature: prepare, two models, both scored, a selection, Rho-1, eval, report."""
-STAGES = ["data", "reference", "base", "score-reference", "score-base", "select", "rho1", "eval", "report"]
+"""The recipe in miniature: prepare, two models, both scored, a selection, Rho-1 and CLM, eval, compare, report."""
+STAGES = list(yaml.safe_load(JOB)["stages"])
 
 
 def job_document(corpus: Path) -> dict:
@@ -139,6 +143,27 @@ def test_set_names_an_unknown_stage(job):
     assert result.returncode == 1 and "STAGE one of data, reference" in result.stderr
 
 
+def test_compare_puts_the_runs_side_by_side(job):
+    out = job["out"]
+    results = json.loads((out / "comparison" / "results.json").read_text())
+    assert list(results) == ["clm", "rho1"]
+    evaluated = json.loads((out / "results.json").read_text())["stages"]["eval"]["result"]
+    corpus = str(job["root"] / "corpus.jsonl")
+    # the same held-out rows (same heldout seed), the same evaluation as the eval stage's of rho1
+    assert results["rho1"]["heldout_clean_loss"] == pytest.approx(evaluated["by_source"][corpus]["loss"], rel=1e-6)
+    assert results["rho1"]["passkey_logprob"] == pytest.approx(evaluated["probe_summary"]["passkey"]["answer_logprob"])
+    assert results["clm"]["heldout_clean_loss"] != results["rho1"]["heldout_clean_loss"]
+    assert results["clm"]["tokens"] == results["rho1"]["tokens"] == 3 * 4 * 96  # equal training tokens
+    assert results["rho1"]["heldout_clean_loss_spread"] == 0.0  # one seed
+    [curve_point] = results["rho1"]["seeds"][0]["curve"]  # evaluated once, at the end
+    assert curve_point == [3 * 4 * 96, pytest.approx(results["rho1"]["heldout_clean_loss"], rel=1e-4)]
+    table = (out / "comparison" / "results.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| clm | 1,152 | ") and table[3].startswith("| rho1 | 1,152 | ")
+    from matplotlib.image import imread
+
+    assert imread(out / "comparison" / "heldout_clean_loss.png").std() > 0.01
+
+
 def test_html_report_is_self_contained(job):
     page = (job["out"] / "report.html").read_text()
     assert not re.search(r"(src|href)=[\"']?(https?:|//)", page)  # nothing fetched from the network
@@ -206,7 +231,7 @@ def test_rerun_skips_finished_stages_and_a_changed_stage_reruns_with_those_after
     changed = run_slm("run", str(job["path"]), "--out", str(out), "--set", "select.ratio=0.5", timeout=600)
     blocks = stage_lines(changed.stdout)
     skipped = [stage for stage, block in blocks.items() if "skipped" in block]
-    assert skipped == ["data", "reference", "base", "score-reference", "score-base"]
+    assert skipped == ["data", "reference", "base", "score-reference", "score-base"]  # all after select ran
     manifest = json.loads((out / "data" / "selections" / "rho1-60" / "manifest.json").read_text())
     assert manifest["ratio"] == 0.5 and manifest["selected_fraction"] == pytest.approx(0.5, abs=0.01)
     # rho1 ran afresh (its upstream changed): one metrics line per step, not appended to the old ones

@@ -152,10 +152,21 @@ def test_submit_a_job_to_a_real_head_then_follow_it_to_success(ray_head, tmp_pat
     # ... and passed, but never printed by any command.
     for result in (submitted, logs, status):
         assert SECRET not in result.stdout + result.stderr
-    from slm_pipeline.jobs import job_client
-
-    info = job_client(ray_head["address"]).get_job_info(job_id)
-    assert info.runtime_env["env_vars"]["WANDB_API_KEY"] == SECRET
+    # Read back in a separate process that prints only whether the value arrived. RAY_ADDRESS (the
+    # session's Ray) stays set there: the given --address must win over it.
+    check = (
+        "import os, sys; from slm_pipeline.jobs import job_client; "
+        "info = job_client(sys.argv[1]).get_job_info(sys.argv[2]); "
+        "print(info.runtime_env['env_vars'].get('WANDB_API_KEY') == os.environ['WANDB_API_KEY'])"
+    )
+    passed = subprocess.run(
+        [sys.executable, "-c", check, ray_head["address"], job_id],
+        env={**environment, "RAY_ADDRESS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert passed.stdout.strip() == "True", passed.stderr[-2000:]
 
     # The working directory travelled without outputs and environments.
     packages = Path(ray_head["temp_dir"]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")

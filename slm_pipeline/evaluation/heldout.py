@@ -1,4 +1,5 @@
-"""`slm eval`: a model's loss on a dataset's held-out rows, overall and per source.
+"""`slm eval`: a model's loss on a dataset's held-out rows, overall and per source, and the
+long-context probes (evaluation/probes.py).
 
 Which rows: when MODEL is a training run that trained on DATASET, the rows that run held out
 (RUN/heldout.json), so the loss is never measured on training rows; otherwise every row of
@@ -9,6 +10,7 @@ document masking, every token but each segment's first.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 from slm_pipeline.config import EvalConfig
 from slm_pipeline.data.shards import open_arrow_shard, read_dataset_manifest, read_json, write_json
 from slm_pipeline.errors import SlmError
+from slm_pipeline.evaluation.probes import SHORTEST_PROBE, probe_count, probe_lengths, probe_summary, run_probes
 from slm_pipeline.training.checkpoint import HELDOUT_FILE, model_directory
 
 
@@ -31,6 +34,10 @@ class EvalResult:
     loss: float
     by_source: dict[str, dict] = field(default_factory=dict)
     """source → {tokens, loss}; a row counts towards the source of its first document."""
+    probes: dict[str, list[dict]] = field(default_factory=dict)
+    """task → cells {length, depth, samples, answer_logprob, exact_match}."""
+    probe_summary: dict[str, dict] = field(default_factory=dict)
+    """task → mean answer_logprob and exact_match over its cells."""
 
     def lines(self) -> list[str]:
         lines = [
@@ -41,6 +48,10 @@ class EvalResult:
         width = max((len(s) for s in self.by_source), default=0)
         for source, totals in self.by_source.items():
             lines.append(f"  {source:<{width}}  loss {totals['loss']:.4f}  ({totals['tokens']:,} tokens)")
+        if self.probes:
+            from slm_pipeline.evaluation.probes import probe_table_lines
+
+            lines += probe_table_lines(self.probes)
         return lines
 
 
@@ -85,6 +96,23 @@ def _batches(rows, batch_size: int):
         yield batch
 
 
+def _probes(config: EvalConfig, model, model_dir: str, manifest: dict, device, show_progress: bool) -> dict:
+    """The probes, built with the model's own tokenizer if its directory has one, else the dataset's."""
+    from tqdm import tqdm
+
+    from slm_pipeline.data.tokenizer import load_tokenizer
+
+    has_tokenizer = any((Path(model_dir) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model_dir if has_tokenizer else manifest["tokenizer"]["name"])
+    longest = getattr(model.config, "max_position_embeddings", None) or manifest["seq_len"]
+    lengths = config.probe_lengths or probe_lengths(longest)
+    if not lengths:
+        print(f"probes: skipped, the model's context ({longest} tokens) is below {SHORTEST_PROBE}", file=sys.stderr)
+        return {}
+    with tqdm(total=probe_count(lengths, config.probe_samples), desc="probes", disable=not show_progress) as bar:
+        return run_probes(model, tokenizer, lengths, config.probe_samples, device, bar)
+
+
 def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     import torch
     from tqdm import tqdm
@@ -120,6 +148,7 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
             total[1] += len(finite)
         progress.update(len(batch))
     progress.close()
+    probes = _probes(config, model, model_dir, manifest, device, show_progress) if config.probes else {}
 
     tokens = sum(count for _, count in sums.values())
     result = EvalResult(
@@ -130,6 +159,8 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
         tokens=tokens,
         loss=sum(total for total, _ in sums.values()) / max(tokens, 1),
         by_source={s: {"tokens": n, "loss": total / max(n, 1)} for s, (total, n) in sorted(sums.items())},
+        probes=probes,
+        probe_summary=probe_summary(probes),
     )
     if config.out:
         write_json(Path(config.out), dataclasses.asdict(result))

@@ -26,6 +26,7 @@ class _ShardColumn:
     """Random access to one list column of a set of row-aligned shards, by global row index."""
 
     def __init__(self, paths: list[Path], kind: str, column: str) -> None:
+        self.paths = paths
         self.readers = [open_arrow_shard(path, kind) for path in paths]
         self.column = column
         self.batch_starts: list[int] = []  # global row index of each record batch's first row
@@ -69,6 +70,10 @@ class TrainingRows:
             _ShardColumn([self.dataset / "selections" / self.selection / n for n in names], "selection", "selected")
             if self.selection
             else None
+        )
+        # Each row's source (its first document's): held-out loss is reported per source too.
+        self.sources = np.concatenate(
+            [open_arrow_shard(path, "tokens").read_all().column("source").to_numpy() for path in self.tokens.paths]
         )
         # Packing fills every row but the corpus's last; a short last row is left out of training.
         rows, seq_len = self.manifest["rows"], self.manifest["seq_len"]

@@ -133,7 +133,12 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(config))
         self.rows = TrainingRows(
-            dataset, manifest, config.reference, config.selection, config.heldout_rows, config.seed
+            dataset,
+            manifest,
+            config.reference,
+            config.selection,
+            config.heldout_rows,
+            config.seed if config.heldout_seed is None else config.heldout_seed,
         )
         self.schedule = StepSchedule(
             self.rows.train, config.rows_per_micro_batch, config.accumulation, world_size, config.seed
@@ -162,7 +167,7 @@ class Trainer:
             metrics = self.train_step(self.step)
             self.step += 1
             if self.should_eval():
-                metrics["heldout_loss"] = self.heldout_loss()  # every rank: a forward pass, no collective
+                metrics.update(self.heldout_losses())  # every rank: a forward pass, no collective
             if self.logger:
                 self.logger.log(metrics, self.step)
             if self.config.save_every and self.step % self.config.save_every == 0 or self.step == self.config.steps:
@@ -236,12 +241,14 @@ class Trainer:
         return len(self.rows.heldout) > 0 and (self.step == self.config.steps or (every and self.step % every == 0))
 
     @torch.no_grad()
-    def heldout_loss(self) -> float:
-        """Mean loss over every scorable token of the held-out rows."""
+    def heldout_losses(self) -> dict[str, float]:
+        """Mean loss over every scorable token of the held-out rows: `heldout_loss`, and
+        `heldout_loss/SOURCE` per source of the rows' first documents."""
         self.model.eval()
-        total, count = 0.0, 0
+        sums: dict[str, list] = {}  # source → [loss sum, tokens]
         for start in range(0, len(self.rows.heldout), self.config.rows_per_micro_batch):
-            mb = self.rows.micro_batch(self.rows.heldout[start : start + self.config.rows_per_micro_batch])
+            rows = self.rows.heldout[start : start + self.config.rows_per_micro_batch]
+            mb = self.rows.micro_batch(rows)
             ids = torch.as_tensor(mb.input_ids, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = final_hidden_states(self.model, ids, segment_position_ids(mb.segment_lengths, self.device))
@@ -251,12 +258,17 @@ class Trainer:
                     ids[:, 1:].reshape(-1),
                     self.model.config,
                     self.config.chunk_positions,
-                )
-            keep = torch.as_tensor(mb.scorable[:, 1:].reshape(-1), device=self.device)
-            total += float(losses[keep].sum())
-            count += int(keep.sum())
+                ).view(len(rows), -1)
+            keep = torch.as_tensor(mb.scorable[:, 1:], device=self.device)
+            for row, source in enumerate(self.rows.sources[rows]):
+                total = sums.setdefault(str(source), [0.0, 0])
+                total[0] += float(losses[row][keep[row]].sum())
+                total[1] += int(keep[row].sum())
         self.model.train()
-        return total / max(count, 1)
+        tokens = sum(count for _, count in sums.values())
+        metrics = {"heldout_loss": sum(total for total, _ in sums.values()) / max(tokens, 1)}
+        metrics.update({f"heldout_loss/{source}": total / max(n, 1) for source, (total, n) in sorted(sums.items())})
+        return metrics
 
     def log_samples(self, step: int, stats) -> None:
         from slm_pipeline.data.tokenizer import load_tokenizer
@@ -351,7 +363,8 @@ def train(config: TrainConfig) -> dict:
     check_model_vocabulary(config, manifest)
     prepare_run_dir(config)
     if config.workers == 0:
-        return Trainer(config).train()
+        Trainer(config).train()
+        return last_metrics(Path(config.out))
 
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -389,9 +402,10 @@ def prepare_run_dir(config: TrainConfig) -> None:
 
 
 def last_metrics(run_dir: Path) -> dict:
-    """The last line of RUN/metrics.jsonl, with the newest held-out loss."""
+    """The last line of RUN/metrics.jsonl, with the newest held-out losses."""
     import json
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    heldout = [line["heldout_loss"] for line in lines if "heldout_loss" in line]
-    return {**lines[-1], **({"heldout_loss": heldout[-1]} if heldout else {})} if lines else {}
+    evaluated = [line for line in lines if "heldout_loss" in line]
+    heldout = {k: v for k, v in evaluated[-1].items() if k.startswith("heldout_loss")} if evaluated else {}
+    return {**lines[-1], **heldout} if lines else {}
