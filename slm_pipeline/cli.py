@@ -370,13 +370,12 @@ def _run_select(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from slm_pipeline import jobs
     from slm_pipeline.config import load_train_config
-    from slm_pipeline.training.trainer import train
 
     overrides = args.overrides + (["resume=true"] if args.resume else [])
-    metrics = train(load_train_config(args.config_path, overrides))
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "loss_all", "heldout_loss"))
-    print(f"trained: {shown}")
+    lines, _ = jobs.STAGE_KINDS["train"].run(load_train_config(args.config_path, overrides))
+    print("\n".join(lines))
 
 
 def _run_inspect(args: argparse.Namespace) -> None:

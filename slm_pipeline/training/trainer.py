@@ -41,22 +41,35 @@ def build_model(config: TrainConfig, dataset_manifest: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if isinstance(config.model, dict):
-        fields = {"vocab_size": dataset_manifest["vocab_size"], **config.model, **config.model_overrides}
+        fields = {"vocab_size": dataset_manifest["vocab_size"], **config.model}
         model_type = fields.pop("model_type", None)
         if model_type is None:
             raise SlmError("model: an architecture config needs `model_type` (e.g. llama)")
-        model_config = AutoConfig.for_model(model_type, **fields)
+        model_config = apply_model_overrides(AutoConfig.for_model(model_type, **fields), config.model_overrides)
         if config.attn_implementation:
             model_config._attn_implementation = config.attn_implementation
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config)
     else:
+        model_config = apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)
         model = AutoModelForCausalLM.from_pretrained(
-            config.model, attn_implementation=config.attn_implementation, **config.model_overrides
+            config.model, config=model_config, attn_implementation=config.attn_implementation
         )
     if config.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def apply_model_overrides(model_config, overrides: dict):
+    """Set `model_overrides` on an HF config. RoPE settings merge into the model's own: transformers 5
+    keeps them, rope_theta included, in `rope_parameters`, so `rope_scaling: {rope_type: yarn, factor: 16}`
+    (or `rope_parameters: ...`) extends the context without dropping the base frequency."""
+    for key, value in overrides.items():
+        if key in ("rope_scaling", "rope_parameters") and hasattr(model_config, "rope_parameters"):
+            model_config.rope_parameters = {**(model_config.rope_parameters or {}), **value}
+        else:
+            setattr(model_config, key, value)
+    return model_config
 
 
 def check_model_vocabulary(config: TrainConfig, dataset_manifest: dict) -> None:

@@ -202,6 +202,35 @@ def test_bad_configs_fail_before_training(dataset, tmp_path, values, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
+        {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 128, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0},
+    ],
+    ids=lambda rope: rope["rope_type"],
+)  # fmt: skip
+def test_rope_scaling_through_model_overrides_extends_a_models_context(dataset, tmp_path, rope):
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_llama(tmp_path / "base", max_positions=128)
+    overrides = {"max_position_embeddings": 256, "rope_scaling": rope}
+    train(config(dataset, tmp_path / "run", model=str(base), steps=2, model_overrides=overrides))
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-2")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    assert trained.config.max_position_embeddings == 256
+    parameters = trained.config.rope_parameters
+    assert parameters["rope_type"] == rope["rope_type"] and parameters["factor"] == 2.0
+    assert parameters["rope_theta"] == original.config.rope_parameters["rope_theta"]  # the base frequency is kept
+    scaled, unscaled = trained.model.rotary_emb.inv_freq, original.model.rotary_emb.inv_freq
+    if rope["rope_type"] == "linear":
+        assert torch.allclose(scaled, unscaled / 2.0)  # positions / factor
+    else:
+        assert torch.allclose(scaled[0], unscaled[0]) and not torch.allclose(scaled, unscaled)  # low frequencies scaled
+
+
 def test_set_overrides_nested_keys(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("data: d\nmodel: m\nout: o\nsteps: 2\n")
