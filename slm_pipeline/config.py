@@ -240,6 +240,9 @@ class TrainConfig:
     """Checkpoint every this many steps (0: only at the end)."""
     workers: int = 0
     """Ray Train workers (DDP-style data parallel); 0 runs the same loop in this process."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state across the workers (FSDP2), for models that do
+    not fit one GPU; without it every worker holds the whole model (DDP-style)."""
     seed: int = 0
     """Seeds initialisation, data order, held-out split and the random mode."""
     rows_per_micro_batch: int = 1
@@ -295,6 +298,8 @@ class TrainConfig:
                 raise SlmError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
+        if self.fsdp and self.workers < 1:
+            raise SlmError("fsdp shards the model across Ray Train workers: set workers to 1 or more")
 
 
 def build_config(cls, values: dict, prefix: str = ""):

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 DEFAULT_CHUNK_POSITIONS = 4096
 """Positions per LM-head chunk: 4096 × V fp32 logits = 2 GiB at V = 128k, 0.5 GiB at 32k."""
@@ -32,6 +33,18 @@ def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torc
     default use_cache=True of eval mode that detection is skipped and documents silently
     attend to each other, so use_cache=False is not optional here.
     """
+    if isinstance(model, FSDPModule):
+        # FSDP2 gathers the root's parameters (embeddings, final norm, LM head) in the root's own forward,
+        # so go through it: one position's logits, and the hidden states (the last one is the normed output).
+        outputs = model(
+            input_ids=input_ids_BT,
+            position_ids=position_ids_BT,
+            attention_mask=None,
+            use_cache=False,
+            logits_to_keep=1,
+            output_hidden_states=True,
+        )
+        return outputs.hidden_states[-1]
     backbone = getattr(model, model.base_model_prefix)
     outputs = backbone(input_ids=input_ids_BT, position_ids=position_ids_BT, attention_mask=None, use_cache=False)
     return outputs.last_hidden_state

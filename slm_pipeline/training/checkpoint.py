@@ -1,13 +1,16 @@
 """Checkpoints: a Hugging Face model directory plus the trainer state, written atomically.
 
 RUN/checkpoints/step-N/ holds config.json + model.safetensors (AutoModelForCausalLM loads
-it, `slm score` scores with it) and trainer_state.pt (optimizer, scheduler, RNG, step,
-token counters; loaded with weights_only=True). The directory is written under a
-temporary name and renamed when complete, so step-N/ exists only whole.
+it, `slm score` scores with it) and trainer_state.pt (optimizer state keyed by parameter
+name, scheduler, RNG, step, token counters; loaded with weights_only=True). Sharded (FSDP)
+and unsharded runs write the same full tensors, so either resumes the other's checkpoint.
+The directory is written under a temporary name and renamed when complete, so step-N/
+exists only whole.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,15 +27,32 @@ HELDOUT_FILE = "heldout.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, counters: dict) -> Path:
+def training_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
+    """(the model's weights for save_pretrained — None: its own state dict —, the optimizer's state keyed
+    by parameter name). With FSDP the full tensors are gathered to CPU: a collective, every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+    model_state = get_model_state_dict(model, options=options) if sharded else None
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model, model_state: dict | None, optimizer_state: dict, scheduler, counters: dict
+) -> Path:
     final = run_dir / "checkpoints" / f"step-{step}"
     temporary = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     temporary.mkdir(parents=True)
     try:
-        model.save_pretrained(temporary, safe_serialization=True)
+        model.save_pretrained(temporary, state_dict=model_state, safe_serialization=True)
+        _unwrapped_architecture(temporary / "config.json")
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "counters": counters,
             # Data order, held-out split and random selection use their own seeded generators;
@@ -49,6 +69,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, count
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return final
+
+
+def _unwrapped_architecture(config_path: Path) -> None:
+    """save_pretrained names the model's class; under FSDP2 that is FSDP<Class>: record <Class>."""
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if any(name.startswith("FSDP") for name in architectures):
+        config["architectures"] = [name.removeprefix("FSDP") for name in architectures]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -72,10 +101,12 @@ def model_directory(path: str) -> str:
     return str(checkpoint)
 
 
-def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:
+def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, sharded: bool) -> tuple[int, dict]:
     """Restore optimizer, scheduler and RNG; returns (step, counters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=sharded))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"], state["counters"]

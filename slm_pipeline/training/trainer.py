@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from slm_pipeline.config import TrainConfig
 from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest, write_json
@@ -29,6 +30,7 @@ from slm_pipeline.training.checkpoint import (
     load_trainer_state,
     model_directory,
     save_checkpoint,
+    training_state,
 )
 from slm_pipeline.training.data import StepSchedule, TrainingRows
 from slm_pipeline.training.metrics import MetricsLogger, truncate_metrics
@@ -70,6 +72,29 @@ def apply_model_overrides(model_config, overrides: dict):
         else:
             setattr(model_config, key, value)
     return model_config
+
+
+def shard_model(model, device: torch.device, world_size: int):
+    """FSDP2 over all ranks: each decoder layer is one unit, the whole model the root unit (embeddings,
+    final norm, LM head); each unit's shards move to `device`. The root stays unsharded from its forward
+    to the end of the backward, so the chunked loss can use the head's weight directly. Gradients are
+    summed, not averaged: each rank's loss is already divided by the selected-token count of the step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise SlmError(f"fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
+    mesh = init_device_mesh(device.type, (world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives: gloo has no PREMUL_SUM
+    return model
 
 
 def check_model_vocabulary(config: TrainConfig, dataset_manifest: dict) -> None:
@@ -135,7 +160,11 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir) if config.resume else None
         # A resumed run loads its weights as any HF model directory (tied embeddings included).
         model_source = dataclasses.replace(config, model=str(checkpoint)) if checkpoint else config
-        self.model = build_model(model_source, manifest).to(self.device).train()
+        self.sharded = config.fsdp and world_size > 1
+        # Built on the CPU; sharded, it reaches the device one unit's shard at a time, so a model that does
+        # not fit one GPU never has to.
+        model = build_model(model_source, manifest)
+        self.model = (shard_model(model, self.device, world_size) if self.sharded else model.to(self.device)).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -165,7 +194,9 @@ class Trainer:
 
         self.step, self.counters = 0, {"tokens": 0, "selected_tokens": 0}
         if checkpoint:
-            self.step, self.counters = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
+            self.step, self.counters = load_trainer_state(
+                checkpoint, self.model, self.optimizer, self.scheduler, self.sharded
+            )
         if rank == 0:  # lines past the checkpoint (or of an attempt that never reached one) are redone
             truncate_metrics(self.run_dir, self.step)
         self.logger = MetricsLogger(self.run_dir, config, config.resume) if rank == 0 else None
@@ -207,9 +238,11 @@ class Trainer:
                 _all_gather,
                 self.rank,
             )
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:  # FSDP has reduce-scattered them in backward
             _all_reduce_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,8 +328,9 @@ class Trainer:
         self.logger.log_samples(step, stats.sample_scores, list(enumerate(rows)))
 
     def save(self) -> None:
+        state = training_state(self.model, self.optimizer, self.sharded)  # with FSDP, a gather on every rank
         if self.rank == 0:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, dict(self.counters))
+            save_checkpoint(self.run_dir, self.step, self.model, *state, self.scheduler, dict(self.counters))
         if self.world_size > 1:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
 

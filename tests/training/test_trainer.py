@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,18 +123,31 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_weights(dataset, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_ray_workers_take_the_same_steps_as_one(dataset, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_two_ray_workers_take_the_same_steps_as_one(dataset, tmp_path, fsdp):
     common = dict(mode="rho1", scope="global", steps=2, rows_per_micro_batch=2)
     train(config(dataset, tmp_path / "one", workers=1, accumulation=2, **common))
-    train(config(dataset, tmp_path / "two", workers=2, accumulation=1, **common))
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+    train(config(dataset, tmp_path / "two", workers=2, accumulation=1, fsdp=fsdp, save_every=1, **common))
+    assert_same_steps(tmp_path / "one", tmp_path / "two")
+    if fsdp:  # a sharded run resumes exactly from its own checkpoint (optimizer state gathered and re-sharded)
+        saved = json.loads((tmp_path / "two" / "checkpoints" / "step-2" / "config.json").read_text())
+        assert saved["architectures"] == ["LlamaForCausalLM"]  # not FSDP's wrapper class
+        shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-2")
+        train(config(dataset, tmp_path / "resumed", workers=2, accumulation=1, fsdp=True, resume=True, **common))
+        assert_same_steps(tmp_path / "two", tmp_path / "resumed")
+
+
+def assert_same_steps(a_run: Path, b_run: Path) -> None:
+    for a, b in zip(metrics(a_run), metrics(b_run), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["selected_fraction"] == b["selected_fraction"]
-    one = load_file(tmp_path / "one" / "checkpoints" / "step-2" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoints" / "step-2" / "model.safetensors")
-    for key in one:
-        torch.testing.assert_close(one[key], two[key], atol=1e-6, rtol=1e-5)
+    a_weights = load_file(a_run / "checkpoints" / "step-2" / "model.safetensors")
+    b_weights = load_file(b_run / "checkpoints" / "step-2" / "model.safetensors")
+    assert a_weights.keys() == b_weights.keys()
+    for key in a_weights:
+        torch.testing.assert_close(a_weights[key], b_weights[key], atol=1e-6, rtol=1e-5)
 
 
 def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp_path):
