@@ -54,6 +54,10 @@ def _run_metrics(config: CompareConfig, run: str) -> dict:
         **{f"{task}_exact_match": s["exact_match"] for task, s in evaluation.probe_summary.items()},
         "curve": _curve(Path(run), config.clean_source),
     }
+    if evaluation.probe_summary:
+        summaries = evaluation.probe_summary.values()
+        result["probes_logprob"] = float(np.mean([s["answer_logprob"] for s in summaries]))
+        result["probes_exact_match"] = float(np.mean([s["exact_match"] for s in summaries]))
     if config.noisy_source and config.noisy_source in evaluation.by_source:
         result["heldout_noisy_loss"] = evaluation.by_source[config.noisy_source]["loss"]
     return result
@@ -81,12 +85,12 @@ def compare(config: CompareConfig) -> dict:
 
 
 def table_lines(results: dict, config: CompareConfig) -> list[str]:
-    """A markdown table: mean ± spread over seeds."""
-    columns = [("heldout_clean_loss", f"held-out {config.clean_source} loss")]
+    """A markdown table, mean ± spread over seeds; the probe columns average the tasks (results.json has each)."""
+    columns = [("heldout_clean_loss", f"held-out loss, {config.clean_source}")]
     if config.noisy_source:
-        columns.append(("heldout_noisy_loss", f"held-out {config.noisy_source} loss"))
-    columns += [(f"{task}_logprob", f"{task} answer log-prob") for task in _tasks(results)]
-    columns += [(f"{task}_exact_match", f"{task} exact") for task in _tasks(results)]
+        columns.append(("heldout_noisy_loss", f"held-out loss, {config.noisy_source}"))
+    if any("probes_logprob" in r for r in results.values()):
+        columns += [("probes_logprob", "probes: answer log-prob"), ("probes_exact_match", "probes: exact match")]
     seeds = max(len(r["seeds"]) for r in results.values())
     header = f"run ({seeds} seed{'s' if seeds > 1 else ''}, mean ± s.d.)"
     lines = [
@@ -94,14 +98,9 @@ def table_lines(results: dict, config: CompareConfig) -> list[str]:
         "|---|---:|" + "---:|" * len(columns),
     ]
     for name, r in results.items():
-        cells = [f"{r[k]:.4f} ± {r[k + '_spread']:.4f}" if k in r else "–" for k, _ in columns]
+        cells = [f"{r[k]:.3f} ± {r[k + '_spread']:.3f}" if k in r else "–" for k, _ in columns]
         lines.append(f"| {name} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _tasks(results: dict) -> list[str]:
-    first = next(iter(results.values()))
-    return [k.removesuffix("_logprob") for k in first if k.endswith("_logprob") and not k.endswith("_spread")]
 
 
 def _plot(results: dict, config: CompareConfig, path: Path) -> None:

@@ -129,6 +129,10 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     rows, row_set = evaluation_rows(config.model, dataset, manifest)
     rows = rows[: config.max_rows]
 
+    if not show_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
