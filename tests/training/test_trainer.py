@@ -147,8 +147,8 @@ def assert_same_steps(a_run: Path, b_run: Path) -> None:
     a_weights = load_file(a_run / "checkpoints" / "step-2" / "model.safetensors")
     b_weights = load_file(b_run / "checkpoints" / "step-2" / "model.safetensors")
     assert a_weights.keys() == b_weights.keys()
-    for key in a_weights:
-        torch.testing.assert_close(a_weights[key], b_weights[key], atol=1e-6, rtol=1e-5)
+    for key in a_weights:  # summation order differs; Adam's first steps move every weight by ~lr (1e-3) or more
+        torch.testing.assert_close(a_weights[key], b_weights[key], atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp_path):
