@@ -38,29 +38,6 @@ def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
     return model
 
 
-def matmul_tflops(device: str) -> float | None:
-    """The bf16 matmul rate this card reaches in this run (the MFU denominator)."""
-    if device != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    started, repeats = time.perf_counter(), 50
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
-
-
-def flops_per_token(model, length: int) -> float:
-    config = model.config
-    embedding = config.vocab_size * config.hidden_size
-    parameters = sum(p.numel() for p in model.parameters()) - embedding  # the LM head stays: it is a matmul
-    return 2 * parameters + 2 * config.num_hidden_layers * length * config.hidden_size
-
-
 def measure(fn, device: str, repeats: int) -> tuple[float, float | None]:
     """(seconds per call, peak GiB) after one warm-up call."""
     fn()

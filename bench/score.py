@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, build_model, flops_per_token, matmul_tflops, measure_or_oom  # noqa: E402
+from common import MODELS, build_model, measure_or_oom  # noqa: E402
 
 from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids  # noqa: E402
+from slm_pipeline.training.metrics import flops_per_token, matmul_tflops  # noqa: E402
 
 
 def plain_hf_loss(model, ids_BT: torch.Tensor, segments: list[list[int]]) -> torch.Tensor:

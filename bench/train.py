@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, flops_per_token, matmul_tflops, measure_or_oom  # noqa: E402
+from common import build_model, measure_or_oom  # noqa: E402
 
 from slm_pipeline.scoring.loss import segment_position_ids  # noqa: E402
+from slm_pipeline.training.metrics import flops_per_token, matmul_tflops  # noqa: E402
 from slm_pipeline.training.selection import MicroBatch, Selector  # noqa: E402
 from slm_pipeline.training.step import accumulate_gradients  # noqa: E402
 

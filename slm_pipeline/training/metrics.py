@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 class MetricsLogger:
@@ -71,3 +73,28 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def matmul_tflops(device: str) -> float | None:
+    """The bf16 matmul rate this card reaches in this run (the MFU denominator)."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started, repeats = time.perf_counter(), 50
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def flops_per_token(model, length: int) -> float:
+    """Forward FLOPs per token of a row of `length`: 2·(parameters − embeddings) + 2·layers·length·hidden
+    (the attention scores). Training is ~3× that; activation recomputation is not counted."""
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    parameters = sum(p.numel() for p in model.parameters()) - embedding  # the LM head stays: it is a matmul
+    return 2 * parameters + 2 * config.num_hidden_layers * length * config.hidden_size

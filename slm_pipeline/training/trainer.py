@@ -33,7 +33,7 @@ from slm_pipeline.training.checkpoint import (
     training_state,
 )
 from slm_pipeline.training.data import StepSchedule, TrainingRows
-from slm_pipeline.training.metrics import MetricsLogger, truncate_metrics
+from slm_pipeline.training.metrics import MetricsLogger, flops_per_token, matmul_tflops, truncate_metrics
 from slm_pipeline.training.selection import Selector
 from slm_pipeline.training.step import accumulate_gradients
 
@@ -164,6 +164,9 @@ class Trainer:
         # Built on the CPU; sharded, it reaches the device one unit's shard at a time, so a model that does
         # not fit one GPU never has to.
         model = build_model(model_source, manifest)
+        if self.device.type == "cuda":  # MFU: 3 × forward FLOPs per token over the bf16 matmul rate measured here
+            self.flops_per_token = flops_per_token(model, manifest["seq_len"])
+            self.peak_tflops = matmul_tflops("cuda")
         self.model = (shard_model(model, self.device, world_size) if self.sharded else model.to(self.device)).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -278,6 +281,8 @@ class Trainer:
             metrics["excess_loss"] = excess / max(scorable, 1)
         if self.device.type == "cuda":
             metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            achieved = 3 * self.flops_per_token * tokens / seconds / self.world_size
+            metrics["mfu"] = achieved / (self.peak_tflops * 1e12)
         if self.logger and self.config.log_samples_every and (step + 1) % self.config.log_samples_every == 0:
             self.log_samples(step + 1, stats)
         return metrics
