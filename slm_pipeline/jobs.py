@@ -149,12 +149,12 @@ def load_job(path: str, out: str | None = None, overrides: list[str] = ()) -> Jo
         if not isinstance(options, dict) or options.get("run") not in STAGE_KINDS:
             raise SlmError(f"{where}: `run` must be one of {', '.join(STAGE_KINDS)}")
         options = _fill_out(dict(options), str(out_dir))
-        kind = STAGE_KINDS[options.pop("run")]
+        kind = options.pop("run")
         try:
-            stage_config = configs.build_config(kind.config, options)
+            stage_config = configs.build_config(STAGE_KINDS[kind].config, options)
         except SlmError as error:
             raise SlmError(f"{where}: {error}") from None
-        built.append(Stage(stage_id, stages[stage_id]["run"], options, stage_config))
+        built.append(Stage(stage_id, kind, options, stage_config))
     return Job(name, path, out_dir, built)
 
 

@@ -55,6 +55,33 @@ class EvalResult:
         return lines
 
 
+@dataclass
+class LossBySource:
+    """Per-token losses summed by source (a row's source is its first document's); NaN, the
+    unscorable segment starts, left out. `slm eval` and the trainer's held-out loss share it."""
+
+    sums: dict[str, list] = field(default_factory=dict)
+    """source → [loss sum, tokens]"""
+
+    def add(self, source: str, row_loss: np.ndarray) -> None:
+        finite = row_loss[~np.isnan(row_loss)]
+        total = self.sums.setdefault(source, [0.0, 0])
+        total[0] += float(finite.astype(np.float64).sum())
+        total[1] += len(finite)
+
+    @property
+    def tokens(self) -> int:
+        return sum(count for _, count in self.sums.values())
+
+    @property
+    def mean(self) -> float:
+        return sum(total for total, _ in self.sums.values()) / max(self.tokens, 1)
+
+    def by_source(self) -> dict[str, dict]:
+        """source → {tokens, loss}, sources sorted."""
+        return {s: {"tokens": n, "loss": total / max(n, 1)} for s, (total, n) in sorted(self.sums.items())}
+
+
 def evaluation_rows(run_or_model: str, dataset: Path, manifest: dict) -> tuple[np.ndarray, str]:
     """The run's held-out rows if MODEL is a run that trained on DATASET, else every row."""
     heldout = Path(run_or_model) / HELDOUT_FILE
@@ -140,29 +167,25 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     check_vocabulary(f"{config.model}", model.config.vocab_size, manifest)
     model = model.to(device).eval()
 
-    sums: dict[str, list[float]] = {}  # source → [loss sum, tokens]
+    losses = LossBySource()
     progress = tqdm(total=len(rows), desc="eval", unit="row", disable=not show_progress)
     for batch in _batches(_read_rows(dataset, manifest, rows), config.batch_size):
         ids = torch.tensor([row[0] for row in batch], dtype=torch.long, device=device)
         loss = per_token_loss(model, ids, [row[1] for row in batch], config.chunk_positions).cpu().numpy()
         for row_loss, (_, _, source) in zip(loss, batch, strict=True):
-            finite = row_loss[~np.isnan(row_loss)]
-            total = sums.setdefault(source, [0.0, 0])
-            total[0] += float(finite.astype(np.float64).sum())
-            total[1] += len(finite)
+            losses.add(source, row_loss)
         progress.update(len(batch))
     progress.close()
     probes = _probes(config, model, model_dir, manifest, device, show_progress) if config.probes else {}
 
-    tokens = sum(count for _, count in sums.values())
     result = EvalResult(
         model=model_dir,
         dataset=str(dataset),
         rows=len(rows),
         row_set=row_set,
-        tokens=tokens,
-        loss=sum(total for total, _ in sums.values()) / max(tokens, 1),
-        by_source={s: {"tokens": n, "loss": total / max(n, 1)} for s, (total, n) in sorted(sums.items())},
+        tokens=losses.tokens,
+        loss=losses.mean,
+        by_source=losses.by_source(),
         probes=probes,
         probe_summary=probe_summary(probes),
     )

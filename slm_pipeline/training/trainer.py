@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from slm_pipeline.config import TrainConfig
 from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest, write_json
 from slm_pipeline.errors import SlmError
-from slm_pipeline.scoring.loss import chunked_cross_entropy, final_hidden_states, segment_position_ids
+from slm_pipeline.evaluation.heldout import LossBySource
+from slm_pipeline.scoring.loss import per_token_loss
 from slm_pipeline.training.checkpoint import (
     HELDOUT_FILE,
     latest_checkpoint,
@@ -296,30 +297,18 @@ class Trainer:
         """Mean loss over every scorable token of the held-out rows: `heldout_loss`, and
         `heldout_loss/SOURCE` per source of the rows' first documents."""
         self.model.eval()
-        sums: dict[str, list] = {}  # source → [loss sum, tokens]
+        losses = LossBySource()
         for start in range(0, len(self.rows.heldout), self.config.rows_per_micro_batch):
             rows = self.rows.heldout[start : start + self.config.rows_per_micro_batch]
             mb = self.rows.micro_batch(rows)
             ids = torch.as_tensor(mb.input_ids, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hidden = final_hidden_states(self.model, ids, segment_position_ids(mb.segment_lengths, self.device))
-                losses = chunked_cross_entropy(
-                    hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-                    self.model.get_output_embeddings(),
-                    ids[:, 1:].reshape(-1),
-                    self.model.config,
-                    self.config.chunk_positions,
-                ).view(len(rows), -1)
-            keep = torch.as_tensor(mb.scorable[:, 1:], device=self.device)
-            for row, source in enumerate(self.rows.sources[rows]):
-                total = sums.setdefault(str(source), [0.0, 0])
-                total[0] += float(losses[row][keep[row]].sum())
-                total[1] += int(keep[row].sum())
+                loss_BT = per_token_loss(self.model, ids, mb.segment_lengths, self.config.chunk_positions)
+            for row_loss, source in zip(loss_BT.cpu().numpy(), self.rows.sources[rows], strict=True):
+                losses.add(str(source), row_loss)
         self.model.train()
-        tokens = sum(count for _, count in sums.values())
-        metrics = {"heldout_loss": sum(total for total, _ in sums.values()) / max(tokens, 1)}
-        metrics.update({f"heldout_loss/{source}": total / max(n, 1) for source, (total, n) in sorted(sums.items())})
-        return metrics
+        by_source = {f"heldout_loss/{source}": v["loss"] for source, v in losses.by_source().items()}
+        return {"heldout_loss": losses.mean, **by_source}
 
     def log_samples(self, step: int, stats) -> None:
         from slm_pipeline.data.tokenizer import load_tokenizer
