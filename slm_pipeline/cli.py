@@ -156,12 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--actors", type=int, default=1, metavar="K", help="scorer actors, a GPU each if any (default: 1)"
     )
     score.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk (default: 4096)")
-    score.add_argument(
-        "--attn",
-        dest="attn_implementation",
-        metavar="IMPL",
-        help="attention implementation: sdpa (default), flex_attention, eager",
-    )
+    _add_model_options(score)
     score.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     score.add_argument("--overwrite", action="store_true", help="replace a score set of this name from another model")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -267,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-rows", type=int, metavar="N", help="at most N rows")
     evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward (default: 8)")
     evaluate.add_argument("--chunk-positions", type=int, default=4096, help="positions per LM-head chunk")
+    _add_model_options(evaluate)
     evaluate.add_argument("--out", metavar="FILE.json", help="also write the result to this JSON file")
     evaluate.add_argument("--no-probes", dest="probes", action="store_false", help="held-out loss only")
     evaluate.add_argument(
@@ -337,6 +333,24 @@ def _add_job_overrides(parser: argparse.ArgumentParser) -> None:
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", metavar="URL", help="Ray dashboard, http://HOST:8265 (default: RAY_ADDRESS)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """How a model runs on packed rows (slm_pipeline/modeling.py): its attention kernel, and how a row's
+    documents are kept apart."""
+    parser.add_argument(
+        "--attn",
+        dest="attn_implementation",
+        metavar="IMPL",
+        help="attention implementation: sdpa (default), flex_attention, eager, flash_attention_2 (one row per batch)",
+    )
+    parser.add_argument(
+        "--document-isolation",
+        choices=["packed", "per_document"],
+        default="packed",
+        help="packed (default: one forward per row, probed at load) or per_document (each document alone: "
+        "for models whose layers ignore document boundaries)",
+    )
 
 
 def _config_from_args(config_class, args: argparse.Namespace):

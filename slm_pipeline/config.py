@@ -74,6 +74,10 @@ class ScoreConfig:
     attn_implementation: str | None = None
     """transformers' attention (sdpa, eager, flex_attention...). sdpa builds a dense [T, T] document
     mask per row; for long rows on GPU, flex_attention keeps it sparse."""
+    document_isolation: str = "packed"
+    """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
+    model whose layers would let documents meet) or `per_document` (each document runs alone: correct for any
+    model, e.g. hybrids whose recurrent layers ignore document boundaries on their torch fallback; slower)."""
     trust_remote_code: bool = False
     overwrite: bool = False
     """Replace an existing score set of this name made by another model or options."""
@@ -85,6 +89,7 @@ class ScoreConfig:
             raise SlmError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.actors < 1:
             raise SlmError(f"--actors must be at least 1, got {self.actors}")
+        check_document_isolation(self.document_isolation, "--document-isolation")
         if self.dtype not in (None, "bf16", "fp32"):
             raise SlmError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
         if (self.window is None) != (self.stride is None):
@@ -152,6 +157,11 @@ class EvalConfig:
     """Probe lengths in tokens; default 256, 512, ... up to the model's maximum."""
     probe_samples: int = 2
     """Probes per (task, length, depth) cell, each with its own hidden value."""
+    attn_implementation: str | None = None
+    document_isolation: str = "packed"
+    """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
+    model whose layers would let documents meet) or `per_document` (each document runs alone: correct for any
+    model, e.g. hybrids whose recurrent layers ignore document boundaries on their torch fallback; slower)."""
 
     def __post_init__(self) -> None:
         if self.probe_samples < 1:
@@ -162,6 +172,7 @@ class EvalConfig:
             raise SlmError(f"--max-rows must be at least 1, got {self.max_rows}")
         if self.batch_size < 1:
             raise SlmError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_document_isolation(self.document_isolation, "--document-isolation")
 
 
 @dataclass
@@ -263,6 +274,12 @@ class TrainConfig:
     bf16: bool | None = None
     """bf16 autocast; default on GPU, off on CPU."""
     attn_implementation: str | None = None
+    """transformers' attention: sdpa, eager, flex_attention (GPU only for training), flash_attention_2
+    (rows_per_micro_batch: 1 only). A kernel that would drop document masking is refused."""
+    document_isolation: str = "packed"
+    """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
+    model whose layers would let documents meet) or `per_document` (each document runs alone: correct for any
+    model, e.g. hybrids whose recurrent layers ignore document boundaries on their torch fallback; slower)."""
     model_overrides: dict = field(default_factory=dict)
     """Merged into the model's HF config, e.g. {max_position_embeddings: 32768, rope_scaling: {...}}."""
     heldout_rows: int = 8
@@ -300,6 +317,12 @@ class TrainConfig:
             raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
         if self.fsdp and self.workers < 1:
             raise SlmError("fsdp shards the model across Ray Train workers: set workers to 1 or more")
+        check_document_isolation(self.document_isolation, "document_isolation")
+
+
+def check_document_isolation(value: str, key: str) -> None:
+    if value not in ("packed", "per_document"):
+        raise SlmError(f"{key} must be packed or per_document, got {value!r}")
 
 
 def build_config(cls, values: dict, prefix: str = ""):

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import html
 import json
-import os
+import math
 import re
 import shutil
 import subprocess
@@ -37,9 +38,9 @@ stages:
   score-base: {run: score, dataset: "{out}/data", model: "{out}/base", name: base}
   select: {run: select, dataset: "{out}/data", reference: reference, training: base, ratio: 0.6, name: rho1-60}
   rho1: {run: train, data: "{out}/data", model: "{out}/base", out: "{out}/rho1", mode: rho1, reference: reference,
-         steps: 3, rows_per_micro_batch: 4, heldout_rows: 4, eval_every: 0}
+         ratio: 0.6, steps: 3, rows_per_micro_batch: 4, learning_rate: 0.0003, heldout_rows: 4, eval_every: 0}
   clm: {run: train, data: "{out}/data", model: "{out}/base", out: "{out}/clm", steps: 3, rows_per_micro_batch: 4,
-        heldout_rows: 4, wandb: {mode: disabled}}
+        learning_rate: 0.0003, heldout_rows: 4, wandb: {mode: disabled}}
   eval: {run: eval, model: "{out}/rho1", dataset: "{out}/data", batch_size: 3}
   compare: {run: compare, runs: {clm: "{out}/clm", rho1: ["{out}/rho1"]}, dataset: "{out}/data", clean_source: CORPUS,
             out: "{out}/comparison"}
@@ -47,6 +48,8 @@ stages:
 """
 """The recipe in miniature: prepare, two models, both scored, a selection, Rho-1 and CLM, eval, compare, report."""
 STAGES = list(yaml.safe_load(JOB)["stages"])
+RHO1_RATIO, ROWS_PER_STEP, TRAIN_STEPS, LEARNING_RATE = 0.6, 4, 3, 3e-4
+"""As the job sets them for rho1 and clm."""
 
 
 def job_document(corpus: Path) -> dict:
@@ -89,20 +92,18 @@ def test_job_runs_every_stage_and_says_where_the_results_are(job):
     assert "wandb sync" in tail
 
 
-def test_eval_equals_each_held_out_document_piece_scored_alone(job):
-    """The eval stage's per-source loss, recomputed with full logits of every segment on its own."""
+def read_table(directory: Path):
+    """Every shard of a dataset's tokens/, scores/NAME/ or selections/NAME/ as one table, in row order."""
     import pyarrow as pa
-    import torch
 
-    out = job["out"]
-    reported = json.loads((out / "results.json").read_text())["stages"]["eval"]["result"]
-    heldout = json.loads((out / "rho1" / "heldout.json").read_text())["seq_ids"]
-    assert reported["rows"] == len(heldout) == 4 and reported["row_set"].startswith("held out by")
-    model = load(out / "rho1" / "checkpoints" / "step-3")
-    shards = sorted((out / "data" / "tokens").glob("*.arrow"))
-    tokens = pa.concat_tables(pa.ipc.open_file(str(p)).read_all() for p in shards)
+    return pa.concat_tables(pa.ipc.open_file(str(p)).read_all() for p in sorted(directory.glob("*.arrow")))
+
+
+def naive_heldout_loss(run: Path, tokens) -> dict[str, list[float]]:
+    """source → [loss sum, token count] over the run's held-out rows: full logits of every segment on its own."""
+    model = load(run / "checkpoints" / f"step-{TRAIN_STEPS}")
     sums: dict[str, list[float]] = {}
-    for seq_id in heldout:
+    for seq_id in json.loads((run / "heldout.json").read_text())["seq_ids"]:
         ids = tokens.column("input_ids")[seq_id].as_py()
         start = 0
         for length in tokens.column("segment_lengths")[seq_id].as_py():
@@ -111,11 +112,78 @@ def test_eval_equals_each_held_out_document_piece_scored_alone(job):
             total[0] += float(loss.double().sum())
             total[1] += len(loss)
             start += length
+    return sums
+
+
+def test_eval_equals_each_held_out_document_piece_scored_alone(job):
+    """The eval stage's per-source loss, recomputed with full logits of every segment on its own."""
+    import torch
+
+    out = job["out"]
+    reported = json.loads((out / "results.json").read_text())["stages"]["eval"]["result"]
+    heldout = json.loads((out / "rho1" / "heldout.json").read_text())["seq_ids"]
+    assert reported["rows"] == len(heldout) == 4 and reported["row_set"].startswith("held out by")
+    sums = naive_heldout_loss(out / "rho1", read_table(out / "data" / "tokens"))
     for source, (total, count) in sums.items():
         assert reported["by_source"][source]["tokens"] == count
         assert reported["by_source"][source]["loss"] == pytest.approx(total / count, abs=1e-4)
     assert reported["tokens"] == sum(c for _, c in sums.values())
     assert torch.isfinite(torch.tensor(reported["loss"]))
+
+
+def metrics_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rho1_selects_the_ratio_of_each_step_within_rounding_and_clm_every_token(job):
+    """Rho-1 keeps round(ratio × scorable) tokens of each row, so a step of R rows is off the ratio by at most
+    R/2 tokens of its scorable ones; the fewest a step can have comes from the shard's smallest training rows."""
+    out = job["out"]
+    tokens = read_table(out / "data" / "tokens")
+    heldout = set(json.loads((out / "rho1" / "heldout.json").read_text())["seq_ids"])
+    # A token is scorable unless it starts a segment (nothing of its document precedes it).
+    scorable = [len(ids) - len(segments) for ids, segments in zip(
+        tokens.column("input_ids").to_pylist(), tokens.column("segment_lengths").to_pylist(), strict=True
+    )]  # fmt: skip
+    fewest_per_step = sum(sorted(n for seq_id, n in enumerate(scorable) if seq_id not in heldout)[:ROWS_PER_STEP])
+    rounding = ROWS_PER_STEP / 2 / fewest_per_step
+
+    rho1 = metrics_lines(out / "rho1")
+    assert [m["step"] for m in rho1] == [1, 2, 3]
+    for metrics in rho1:
+        assert metrics["selected_fraction"] == pytest.approx(RHO1_RATIO, abs=rounding), f"step {metrics['step']}"
+    assert [m["selected_fraction"] for m in metrics_lines(out / "clm")] == [1.0, 1.0, 1.0]
+
+
+def test_rho1_and_clm_train_the_base_by_adam_steps_and_differently(job):
+    """Both runs start from the base checkpoint. AdamW moves a weight by at most the learning rate per step
+    (plus weight decay), and by about that much when its gradient keeps its sign, so 3 steps of the cosine
+    schedule move each weight by at most, and most weights by a good part of, the summed learning rates.
+    Rho-1 and CLM see the same rows (same seed) but rho1 backpropagates 60% of the tokens: their weights
+    must differ by a visible part of a step (they would be equal if the selection did nothing)."""
+    from safetensors.torch import load_file
+
+    out = job["out"]
+    # cosine from LEARNING_RATE down to 0.1 × it over the 3 steps, no warm-up (the trainer's defaults)
+    rates = [LEARNING_RATE * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / TRAIN_STEPS))) for t in range(TRAIN_STEPS)]
+    moved_at_most = sum(rates)
+    weight_decay = 0.1
+
+    def weights(run: str) -> dict:
+        return load_file(out / run / "checkpoints" / f"step-{TRAIN_STEPS}" / "model.safetensors")
+
+    base, clm, rho1 = weights("base"), weights("clm"), weights("rho1")
+    assert set(base) == set(clm) == set(rho1)
+    for name in base:
+        for run, trained in (("clm", clm), ("rho1", rho1)):
+            moved = (trained[name] - base[name]).abs()
+            bound = 1.01 * moved_at_most + weight_decay * moved_at_most * base[name].abs()
+            assert (moved <= bound).all(), f"{run} {name} moved by {float(moved.max()):.3g}"
+            # Embedding rows of tokens absent from the 12 rows only decay: every other weight gets a gradient.
+            if name != "model.embed_tokens.weight":
+                assert moved.median() > 0.5 * moved_at_most, f"{run} {name} moved by only {float(moved.median()):.3g}"
+        if name != "model.embed_tokens.weight":
+            assert (rho1[name] - clm[name]).abs().median() > 0.01 * moved_at_most, f"rho1 and clm agree on {name}"
 
 
 @pytest.mark.parametrize(
@@ -152,16 +220,54 @@ def test_compare_puts_the_runs_side_by_side(job):
     # the same held-out rows (same heldout seed), the same evaluation as the eval stage's of rho1
     assert results["rho1"]["heldout_clean_loss"] == pytest.approx(evaluated["by_source"][corpus]["loss"], rel=1e-6)
     assert results["rho1"]["passkey_logprob"] == pytest.approx(evaluated["probe_summary"]["passkey"]["answer_logprob"])
-    assert results["clm"]["heldout_clean_loss"] != results["rho1"]["heldout_clean_loss"]
+    # and clm's is its own run's: its checkpoint on its held-out rows, recomputed with full logits
+    [(clm_total, clm_count)] = naive_heldout_loss(out / "clm", read_table(out / "data" / "tokens")).values()
+    assert results["clm"]["heldout_clean_loss"] == pytest.approx(clm_total / clm_count, abs=1e-4)
     assert results["clm"]["tokens"] == results["rho1"]["tokens"] == 3 * 4 * 96  # equal training tokens
     assert results["rho1"]["heldout_clean_loss_spread"] == 0.0  # one seed
     [curve_point] = results["rho1"]["seeds"][0]["curve"]  # evaluated once, at the end
     assert curve_point == [3 * 4 * 96, pytest.approx(results["rho1"]["heldout_clean_loss"], rel=1e-4)]
     table = (out / "comparison" / "results.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| clm | 1,152 | ") and table[3].startswith("| rho1 | 1,152 | ")
+    # The plot: one marker per run (one evaluation each), in matplotlib's first two colours, at the same
+    # training-token count, the run with the higher loss drawn higher (image rows count down from the top).
     from matplotlib.image import imread
 
-    assert imread(out / "comparison" / "heldout_clean_loss.png").std() > 0.01
+    pixels = np.round(imread(out / "comparison" / "heldout_clean_loss.png")[..., :3] * 255).astype(int)
+    clm_x, clm_y = plotted_point(pixels, "C0")
+    rho1_x, rho1_y = plotted_point(pixels, "C1")
+    assert clm_x == pytest.approx(rho1_x, abs=1)
+    rho1_drawn_higher = rho1_y < clm_y - 100  # two points: autoscaling puts them most of the axes apart
+    clm_drawn_higher = clm_y < rho1_y - 100
+    assert (rho1_drawn_higher, clm_drawn_higher) == (
+        results["rho1"]["heldout_clean_loss"] > results["clm"]["heldout_clean_loss"],
+        results["clm"]["heldout_clean_loss"] > results["rho1"]["heldout_clean_loss"],
+    )
+
+
+def plotted_point(pixels: np.ndarray, colour: str) -> tuple[float, float]:
+    """(column, row) of the one marker drawn in `colour`, apart from its legend entry (a line through a marker)."""
+    from matplotlib.colors import to_rgb
+
+    rows, columns = np.nonzero((pixels == np.round(np.array(to_rgb(colour)) * 255)).all(axis=-1))
+    legend_rows = np.flatnonzero(np.bincount(rows) >= 10)  # a marker is ~5 pixels wide, the legend's line ~30
+    legend_columns = columns[np.isin(rows, legend_rows)]
+    assert len(legend_columns), f"no legend entry in {colour}"
+    apart = (columns < legend_columns.min()) | (columns > legend_columns.max())
+    assert apart.sum() > 5, f"no marker in {colour} apart from its legend entry (or one drawn over it)"
+    return columns[apart].mean(), rows[apart].mean()
+
+
+TOKEN_SPAN = re.compile(
+    r'<span class="(t|t s|t u)"(?: style="background:(#[0-9a-f]{6})")? title="[^"]*">(.*?)</span>', re.S
+)
+"""One token of a sample row in report.html: its classes (s: selected, u: unscorable), background and text."""
+
+
+def first_sample_row_spans(page: str) -> list[tuple[str, str, str]]:
+    """(classes, background, text) of each token of the report's first sample row, in order."""
+    row = re.search(r'<div class="row">(.*?)</div>', page, re.S).group(1)
+    return [(classes, background, html.unescape(text)) for classes, background, text in TOKEN_SPAN.findall(row)]
 
 
 def test_html_report_is_self_contained(job):
@@ -169,23 +275,61 @@ def test_html_report_is_self_contained(job):
     assert not re.search(r"(src|href)=[\"']?(https?:|//)", page)  # nothing fetched from the network
     assert "<h2>Selection rho1-60</h2>" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 4  # colour bar, 2 histograms, fractions
-    selected = len(re.findall(r'class="t s"', page))
-    dropped = len(re.findall(r'class="t"', page))
-    assert selected > 0 and dropped > 0
-    assert 0.45 < selected / (selected + dropped) < 0.75  # sample rows show the 60% selection
 
 
-def chromium() -> str | None:
+def test_html_report_shows_the_first_row_token_by_token_as_the_shard_selects_it(job):
+    """The first sample row is the dataset's first row: each token's text, selected/dropped/unscorable class
+    and colour (red above 0 excess loss, blue below, a diverging scale) against the shards."""
+    from slm_pipeline.data.tokenizer import load_tokenizer
+
+    out = job["out"]
+    spans = first_sample_row_spans((out / "report.html").read_text())
+    ids = read_table(out / "data" / "tokens").column("input_ids")[0].as_py()
+    selection = read_table(out / "data" / "selections" / "rho1-60").slice(0, 1).to_pylist()[0]
+    tokenizer = load_tokenizer("builtin:pydoc-bpe-4k")
+    assert len(spans) == len(ids)  # a 96-token row is shown whole
+    for position, ((classes, background, text), token, score, selected) in enumerate(
+        zip(spans, ids, selection["excess_loss"], selection["selected"], strict=True)
+    ):
+        assert text == tokenizer.decode([token]), f"position {position}"
+        if score is None or math.isnan(score):
+            assert classes == "t u" and not selected, f"position {position}"
+            continue
+        assert classes == ("t s" if selected else "t"), f"position {position}: selected {selected}"
+        red, _, blue = hex_rgb(background)
+        if abs(score) > 0.01:
+            assert (red > blue) == (score > 0), (position, score, background)
+    assert {c for c, _, _ in spans} == {"t s", "t", "t u"}
+
+
+def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and os.environ.get("SLM_REQUIRE_BROWSER"):
-        pytest.fail("SLM_REQUIRE_BROWSER is set but there is no chromium (Debian: apt-get install chromium)")
+    if found is None:
+        pytest.fail(
+            "the HTML report's screenshot test needs a headless Chromium and found none on PATH: "
+            "on Debian, apt-get install chromium (as .ci/run does)",
+            pytrace=False,
+        )
     return found
+
+
+def hex_rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+
+
+def colour_keys(colours: np.ndarray) -> np.ndarray:
+    """[..., 3] 0–255 RGB → one integer per colour, for set membership."""
+    return (colours[..., 0] * 256 + colours[..., 1]) * 256 + colours[..., 2]
+
+
+def within_one_level(colours: np.ndarray) -> np.ndarray:
+    """The keys of every colour within ±1 per channel of `colours` [N, 3]: the browser rounds blended colours."""
+    offsets = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    return colour_keys(np.clip(colours[:, None, :] + offsets[None], 0, 255)).ravel()
 
 
 def test_html_report_renders_in_headless_chromium(job, tmp_path):
     browser = chromium()
-    if browser is None:
-        pytest.skip("no chromium here (.ci/run installs Debian's)")
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [
@@ -210,13 +354,30 @@ def test_html_report_renders_in_headless_chromium(job, tmp_path):
     )
     from matplotlib.image import imread
 
-    pixels = imread(screenshot)[..., :3]
+    pixels = np.round(imread(screenshot)[..., :3] * 255).astype(int)
     assert pixels.shape[:2] == (1600, 1200)
-    colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
-    assert len(colours) > 200  # text, heatmap colours and plots, not a blank page
-    reddish = (pixels[..., 0] > pixels[..., 2] + 0.2).mean()
-    bluish = (pixels[..., 2] > pixels[..., 0] + 0.2).mean()
-    assert reddish > 0.001 and bluish > 0.001  # tokens coloured on both sides of the excess-loss scale
+
+    # The first sample row's box: its 1px #ddd border gives the only page-wide lines of that colour.
+    border = (pixels == 0xDD).all(axis=-1)
+    [top, bottom, *_] = np.flatnonzero(border.sum(axis=1) > 1000)
+    left, right = np.flatnonzero(border[(top + bottom) // 2])[[0, -1]]
+    box = colour_keys(pixels[top + 1 : bottom, left + 1 : right])
+
+    # Selected tokens are painted opaque in their colour, dropped ones at 45% opacity over white. Monospace
+    # text: each token's background covers an area in proportion to its characters, so the two kinds of
+    # background share the box's coloured area as selected and dropped tokens share the row's characters.
+    spans = first_sample_row_spans((job["out"] / "report.html").read_text())
+    selected = [(hex_rgb(background), text) for classes, background, text in spans if classes == "t s"]
+    dropped = [(hex_rgb(background), text) for classes, background, text in spans if classes == "t"]
+    opaque = within_one_level(np.array([colour for colour, _ in selected]))
+    faded = within_one_level(np.round(0.45 * np.array([colour for colour, _ in dropped]) + 0.55 * 255).astype(int))
+    opaque_area, faded_area = np.isin(box, opaque).sum(), np.isin(box, faded).sum()
+    assert opaque_area > 1000 and faded_area > 1000, (opaque_area, faded_area)
+    selected_characters = sum(len(text) for _, text in selected)
+    dropped_characters = sum(len(text) for _, text in dropped)
+    assert opaque_area / (opaque_area + faded_area) == pytest.approx(
+        selected_characters / (selected_characters + dropped_characters), abs=0.05
+    )
 
 
 # Last in the module: it changes the job's outputs that the tests above read.

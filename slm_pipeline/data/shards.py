@@ -22,8 +22,11 @@ from slm_pipeline.errors import SlmError
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 
 TEMP_MARKER = ".tmp-"
-TOKENS_BATCH_TOKENS = 1 << 20
-"""Tokens per Arrow record batch: the unit later stages read at a time (4 MiB of int32)."""
+TOKENS_BATCH_TOKENS = 1 << 16
+"""Tokens per Arrow record batch (256 KiB of int32): zstd compresses a record batch's column as a whole, so
+reading one random row costs its record batch (16 rows of 4,096 tokens), and the scorer's forward passes
+stay within one. Smaller batches compress worse: 1.146 bytes/token here, 1.114 at 2^20 (+2.9%), 1.228 at
+2^14 (bench/RESULTS.md, read_rows)."""
 
 
 def shard_name(index: int) -> str:

@@ -143,10 +143,10 @@ def _probes(config: EvalConfig, model, model_dir: str, manifest: dict, device, s
 def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
 
     from slm_pipeline.data.shards import check_vocabulary
-    from slm_pipeline.scoring.loss import per_token_loss
+    from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
+    from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids
 
     dataset = Path(config.dataset)
     manifest = read_dataset_manifest(dataset)
@@ -161,17 +161,19 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
+    check_attention_kernel(config.attn_implementation, config.batch_size, device, "--batch-size")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_causal_lm(model_dir, dtype, config.attn_implementation)
     check_vocabulary(f"{config.model}", model.config.vocab_size, manifest)
     model = model.to(device).eval()
+    require_document_isolation(model, config.batch_size, None, config.document_isolation)
 
     losses = LossBySource()
     progress = tqdm(total=len(rows), desc="eval", unit="row", disable=not show_progress)
     for batch in _batches(_read_rows(dataset, manifest, rows), config.batch_size):
         ids = torch.tensor([row[0] for row in batch], dtype=torch.long, device=device)
-        loss = per_token_loss(model, ids, [row[1] for row in batch], config.chunk_positions).cpu().numpy()
+        positions = segment_position_ids([row[1] for row in batch], device)
+        loss = per_token_loss(model, ids, positions, config.chunk_positions).cpu().numpy()
         for row_loss, (_, _, source) in zip(loss, batch, strict=True):
             losses.add(source, row_loss)
         progress.update(len(batch))

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from slm_pipeline.modeling import per_document_hidden_states, runs_documents_alone
 
 DEFAULT_CHUNK_POSITIONS = 4096
 """Positions per LM-head chunk: 4096 × V fp32 logits = 2 GiB at V = 128k, 0.5 GiB at 32k."""
@@ -21,8 +26,14 @@ DEFAULT_CHUNK_POSITIONS = 4096
 
 def segment_position_ids(segment_lengths: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
     """[B, T] position ids that restart at 0 at each segment (all rows the same length)."""
-    rows = [torch.cat([torch.arange(n) for n in lengths]) for lengths in segment_lengths]
-    return torch.stack(rows).to(device)
+    return torch.from_numpy(np.stack([row_position_ids(lengths) for lengths in segment_lengths])).to(device)
+
+
+def row_position_ids(segment_lengths) -> np.ndarray:
+    """[T] int64 position ids of one row: 0 at each segment's first token, counting up inside it."""
+    lengths = np.asarray(segment_lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
 
 
 def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -31,11 +42,19 @@ def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torc
     Position ids that restart per segment, attention_mask=None and use_cache=False make
     transformers build a block-diagonal causal mask (packed-sequence detection). With the
     default use_cache=True of eval mode that detection is skipped and documents silently
-    attend to each other, so use_cache=False is not optional here.
+    attend to each other, so use_cache=False is not optional here. A model marked to run
+    documents alone (modeling.py: layers that ignore the mask) gets one row per document.
     """
-    if isinstance(model, FSDPModule):
-        # FSDP2 gathers the root's parameters (embeddings, final norm, LM head) in the root's own forward,
-        # so go through it: one position's logits, and the hidden states (the last one is the normed output).
+    if runs_documents_alone(model):
+        return per_document_hidden_states(partial(_packed_hidden_states, model), input_ids_BT, position_ids_BT)
+    return _packed_hidden_states(model, input_ids_BT, position_ids_BT)
+
+
+def _packed_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, FSDPModule | DistributedDataParallel):
+        # A wrapper does its work in the root's own forward (FSDP2 gathers the embeddings, final norm and
+        # LM head there; DDP readies its gradient all-reduce), so go through it: one position's logits,
+        # and the hidden states (the last one is the normed output).
         outputs = model(
             input_ids=input_ids_BT,
             position_ids=position_ids_BT,
@@ -76,12 +95,11 @@ def chunked_cross_entropy(
 def per_token_loss(
     model,
     input_ids_BT: torch.Tensor,
-    segment_lengths: list[list[int]],
+    position_ids_BT: torch.Tensor,
     chunk_positions: int = DEFAULT_CHUNK_POSITIONS,
 ) -> torch.Tensor:
-    """[B, T] fp32 per-token loss of rows of equal length; NaN at segment starts."""
+    """[B, T] fp32 per-token loss of rows of equal length (positions restart per segment); NaN at segment starts."""
     device = input_ids_BT.device
-    position_ids_BT = segment_position_ids(segment_lengths, device)
     hidden_BTH = final_hidden_states(model, input_ids_BT, position_ids_BT)
     batch, length, width = hidden_BTH.shape
     # Position i-1 predicts token i; the last position predicts nothing inside the row.
@@ -120,7 +138,8 @@ def windowed_token_loss(
     for begin in range(0, length, stride):
         end = min(begin + window, length)
         pieces = _clip_segments(starts, segment_lengths, begin, end)
-        window_loss = per_token_loss(model, input_ids_T[None, begin:end], [pieces], chunk_positions)[0]
+        positions = segment_position_ids([pieces], input_ids_T.device)
+        window_loss = per_token_loss(model, input_ids_T[None, begin:end], positions, chunk_positions)[0]
         loss_T[scored_until:end] = window_loss[scored_until - begin :]
         scored_until = end
         if end == length:

@@ -1,4 +1,4 @@
-"""Token scores and top-k selection: small pure functions over numpy arrays.
+"""Token scores and top-k selection: small pure functions over numpy arrays and torch tensors.
 
 A *score* says how much a token deserves to be kept (higher = keep); NaN marks a token
 that cannot be scored (a segment's first token). Each scorer is one function of a row.
@@ -6,7 +6,10 @@ that cannot be scored (a segment's first token). Each scorer is one function of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
 
 SCORERS = ("excess", "reference", "random")
 _RADIX_BITS = 16
@@ -41,22 +44,28 @@ def keep_count(ratio: float, scorable: int) -> int:
 
 def top_k_mask(scores: np.ndarray, ratio: float) -> np.ndarray:
     """Select the top `ratio` of the scorable tokens of one row; ties go to earlier positions."""
-    scorable = np.flatnonzero(~np.isnan(scores))
-    keep = keep_count(ratio, len(scorable))
-    order = scorable[np.argsort(-scores[scorable], kind="stable")]
-    mask = np.zeros(len(scores), dtype=bool)
-    mask[order[:keep]] = True
-    return mask
+    keep = keep_count(ratio, int((~np.isnan(scores)).sum()))
+    return top_k_rows(torch.from_numpy(np.asarray(scores, dtype=np.float32))[None], torch.tensor([keep]))[0].numpy()
 
 
-def sortable_keys(scores: np.ndarray) -> np.ndarray:
-    """Map float32 scores to uint32 keys with the same order (the radix-select trick).
+def top_k_rows(scores_BT: torch.Tensor, keep_B: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the `keep_B[b]` highest scores of each row b; ties go to earlier positions, NaN is never kept.
+
+    On the scores' device, with no host round trip (the trainer's selection runs here too).
+    """
+    order_BT = torch.sort(scores_BT.nan_to_num(nan=-torch.inf), dim=-1, descending=True, stable=True).indices
+    rank_BT = torch.empty_like(order_BT)
+    rank_BT.scatter_(-1, order_BT, torch.arange(scores_BT.shape[-1], device=scores_BT.device).expand_as(order_BT))
+    return (rank_BT < keep_B[:, None]) & ~scores_BT.isnan()
+
+
+def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Map float32 scores to int64 keys in [0, 2^32) with the same order (the radix-select trick).
 
     -0.0 becomes +0.0 first (adding +0.0 does that), so that equal scores get equal keys.
     """
-    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
-    negative = (bits >> 31).astype(bool)
-    return np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 def key_to_score(key: int) -> float:
@@ -64,22 +73,33 @@ def key_to_score(key: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-def high_histogram(scores: np.ndarray) -> np.ndarray:
-    """Pass 1 of the exact global threshold: counts of scorable tokens by the keys' high 16 bits."""
-    keys = sortable_keys(scores[~np.isnan(scores)])
-    return np.bincount(keys >> _RADIX_BITS, minlength=1 << _RADIX_BITS).astype(np.int64)
+def radix_histogram(keys: torch.Tensor, scorable: torch.Tensor, high: torch.Tensor | int | None = None) -> torch.Tensor:
+    """[2^16] int64 counts of the scorable keys: pass 1 (`high` None) by their high 16 bits; pass 2 by their
+    low 16 bits, among keys whose high bits are `high`. Counted on the keys' device, with no host round trip."""
+    if high is None:
+        bins, counted = keys >> _RADIX_BITS, scorable
+    else:
+        bins, counted = keys & 0xFFFF, scorable & ((keys >> _RADIX_BITS) == high)
+    size = 1 << _RADIX_BITS
+    # Uncounted keys go to one extra bin, dropped after: a boolean index would cost a host sync.
+    return torch.bincount(torch.where(counted, bins, size), minlength=size + 1)[:size]
 
 
-def low_histogram(scores: np.ndarray, high: int) -> np.ndarray:
-    """Pass 2: counts by the low 16 bits, among tokens whose high 16 bits are `high`."""
-    keys = sortable_keys(scores[~np.isnan(scores)])
-    inside = keys[(keys >> _RADIX_BITS) == high]
-    return np.bincount(inside & 0xFFFF, minlength=1 << _RADIX_BITS).astype(np.int64)
-
-
-def kth_largest_bin(histogram: np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest value (1-based) and how many values lie in higher bins."""
-    above = np.cumsum(histogram[::-1])  # above[j] = count in the top j+1 bins
-    top = int(np.searchsorted(above, k))  # first j with above[j] >= k
-    higher = int(above[top - 1]) if top > 0 else 0
+def kth_largest_bin(histogram: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bin holding the k-th largest value (1-based) and how many values lie in higher bins (0-dim tensors)."""
+    above = histogram.flip(0).cumsum(0)  # above[j] = count in the top j+1 bins
+    top = torch.searchsorted(above, torch.as_tensor(k, device=histogram.device).reshape(1))[0]
+    higher = torch.where(top > 0, above[(top - 1).clamp_min(0)], 0)
     return len(histogram) - 1 - top, higher
+
+
+def kth_largest_key(
+    keys: torch.Tensor, scorable: torch.Tensor, k: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key of the k-th largest scorable key over everything `all_reduce` sums, how many keys lie above it).
+
+    Two passes of 2^16 counts each: exact, and fixed in size whatever the number of keys.
+    """
+    high, above_high = kth_largest_bin(all_reduce(radix_histogram(keys, scorable)), k)
+    low, above_low = kth_largest_bin(all_reduce(radix_histogram(keys, scorable, high)), k - above_high)
+    return (high << _RADIX_BITS) | low, above_high + above_low

@@ -27,8 +27,8 @@ import numpy as np
 
 from slm_pipeline import __version__
 from slm_pipeline.config import ScoreConfig
-from slm_pipeline.data.packing import scorable_mask
 from slm_pipeline.data.shards import (
+    TOKENS_BATCH_TOKENS,
     atomic_path,
     check_vocabulary,
     file_sha256,
@@ -41,6 +41,7 @@ from slm_pipeline.data.shards import (
     write_json,
 )
 from slm_pipeline.errors import SlmError
+from slm_pipeline.modeling import check_attention_kernel
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.training.checkpoint import model_directory
 
@@ -112,6 +113,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
     dataset = Path(config.dataset)
     dataset_manifest = read_dataset_manifest(dataset)
     check_model_fits_dataset(config, dataset_manifest)
+    check_attention_kernel(config.attn_implementation, config.batch_size, None, "--batch-size")
     out = dataset / "scores" / config.name
     identity = {
         "format_version": FORMAT_VERSION,
@@ -261,29 +263,36 @@ class ShardScorer:
 
     def __init__(self, config: ScoreConfig, dataset: str) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
+
+        from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
         self.config = config
         self.dataset = Path(dataset)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype_name = config.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(
-                config.model,
-                dtype=torch.bfloat16 if self.dtype_name == "bf16" else torch.float32,
-                trust_remote_code=config.trust_remote_code,
-                attn_implementation=config.attn_implementation,
+        dtype = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
+        # A kernel or model that would let documents meet is refused before the first shard, as one line
+        # (__call__ sends it back as data).
+        self.refusal = None
+        try:
+            check_attention_kernel(config.attn_implementation, config.batch_size, self.device, "--batch-size")
+            self.model = load_causal_lm(
+                config.model, dtype, config.attn_implementation, trust_remote_code=config.trust_remote_code
             )
-            .to(self.device)
-            .eval()
-        )
+            self.model = self.model.to(self.device).eval()
+            require_document_isolation(self.model, config.batch_size, None, config.document_isolation)
+        except SlmError as error:
+            self.refusal = f"--model {config.model}: {error}"
 
     def __call__(self, task) -> Iterator:
         import pyarrow as pa
 
         shard = task.column("shard")[0].as_py()
+        if self.refusal:
+            yield pa.table({"shard": [shard], "tokens": [0], "done": [False], "error": [self.refusal]})
+            return
         try:
             yield from (pa.table({k: [v] for k, v in update.items()}) for update in self._score_shard(shard))
         except SlmError as error:
@@ -303,23 +312,20 @@ class ShardScorer:
                 pa.OSFile(str(temporary), "wb") as sink,
                 pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer,
             ):
-                for index in range(reader.num_record_batches):
-                    batch = reader.get_batch(index)
-                    seq_ids = batch.column("seq_id").to_pylist()
-                    segment_lengths = batch.column("segment_lengths").to_pylist()
-                    losses = self._score_rows(batch.column("input_ids").to_pylist(), segment_lengths)
-                    for seq_id, loss, segments in zip(seq_ids, losses, segment_lengths, strict=True):
-                        _check_finite(shard, seq_id, loss, segments)
-                    writer.write_batch(
-                        pa.record_batch([pa.array(seq_ids, pa.int64()), _float_lists(losses)], schema=schema)
-                    )
-                    batch_tokens = sum(len(loss) for loss in losses)
-                    scored = [loss[~np.isnan(loss)] for loss in losses]
-                    rows += len(seq_ids)
-                    tokens += batch_tokens
-                    tokens_scored += sum(len(s) for s in scored)
-                    loss_sum += float(sum(s.sum(dtype=np.float64) for s in scored))
-                    yield {"shard": shard, "tokens": batch_tokens, "done": False, "error": None}
+                for batch in _batches_of_at_least(reader, self.config.batch_size):
+                    rows_batch = _RowBatch.from_arrow(batch)
+                    losses = self._score_rows(rows_batch)
+                    _check_finite(shard, rows_batch, losses, batch.column("seq_id").to_numpy())
+                    scored = losses[~np.isnan(losses)]
+                    scores = pa.table([batch.column("seq_id"), pa.ListArray.from_arrays(rows_batch.starts, losses)],
+                                      schema=schema)  # fmt: skip
+                    # Record batches of the tokens' size: a trainer reading one row's losses decompresses ~that much.
+                    writer.write_table(scores, max_chunksize=max(1, TOKENS_BATCH_TOKENS // int(rows_batch.starts[1])))
+                    rows += batch.num_rows
+                    tokens += len(losses)
+                    tokens_scored += len(scored)
+                    loss_sum += float(scored.sum(dtype=np.float64))
+                    yield {"shard": shard, "tokens": len(losses), "done": False, "error": None}
             size = temporary.stat().st_size
             sha256 = file_sha256(temporary)
         record = {
@@ -335,60 +341,107 @@ class ShardScorer:
         write_json(out / DONE_DIR / f"{shard}.json", record)
         yield {"shard": shard, "tokens": 0, "done": True, "error": None}
 
-    def _score_rows(self, input_ids: list[list[int]], segment_lengths: list[list[int]]) -> list[np.ndarray]:
-        """Per-token losses of each row, in order; rows of equal length share a forward pass."""
+    def _score_rows(self, rows: _RowBatch) -> np.ndarray:
+        """Per-token losses of every row, flat, in order; consecutive rows of equal length share a forward pass."""
         import torch
 
         from slm_pipeline.scoring.loss import per_token_loss, windowed_token_loss
 
-        losses: list[np.ndarray | None] = [None] * len(input_ids)
+        losses = np.empty(len(rows.input_ids), dtype=np.float32)
         if self.config.window is not None:
-            for i, (ids, segments) in enumerate(zip(input_ids, segment_lengths, strict=True)):
-                ids_T = torch.tensor(ids, device=self.device)
-                losses[i] = (
-                    windowed_token_loss(
-                        self.model, ids_T, segments, self.config.window, self.config.stride, self.config.chunk_positions
-                    )
-                    .cpu()
-                    .numpy()
+            for row, (start, end) in enumerate(zip(rows.starts[:-1], rows.starts[1:], strict=True)):
+                ids_T = torch.from_numpy(rows.input_ids[start:end].astype(np.int64)).to(self.device)
+                window_loss = windowed_token_loss(
+                    self.model,
+                    ids_T,
+                    rows.segment_lengths(row).tolist(),
+                    self.config.window,
+                    self.config.stride,
+                    self.config.chunk_positions,
                 )
-            return losses  # type: ignore[return-value]
-        for group in _equal_length_groups([len(ids) for ids in input_ids], self.config.batch_size):
-            ids_BT = torch.tensor([input_ids[i] for i in group], device=self.device)
-            loss_BT = (
-                per_token_loss(self.model, ids_BT, [segment_lengths[i] for i in group], self.config.chunk_positions)
-                .cpu()
-                .numpy()
+                losses[start:end] = window_loss.cpu().numpy()
+            return losses
+        for first, count in _equal_length_runs(np.diff(rows.starts), self.config.batch_size):
+            start, end = rows.starts[first], rows.starts[first + count]
+            ids_BT = torch.from_numpy(rows.input_ids[start:end].astype(np.int64).reshape(count, -1))
+            positions_BT = torch.from_numpy(rows.position_ids[start:end].reshape(count, -1))
+            loss_BT = per_token_loss(
+                self.model, ids_BT.to(self.device), positions_BT.to(self.device), self.config.chunk_positions
             )
-            for i, loss in zip(group, loss_BT, strict=True):
-                losses[i] = loss
-        return losses  # type: ignore[return-value]
+            losses[start:end] = loss_BT.cpu().numpy().reshape(-1)
+        return losses
 
 
-def _equal_length_groups(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Consecutive indices of equal length, at most batch_size per group."""
-    groups: list[list[int]] = []
-    for i, length in enumerate(lengths):
-        if groups and len(groups[-1]) < batch_size and lengths[groups[-1][0]] == length:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+@dataclass
+class _RowBatch:
+    """One record batch of token rows as flat numpy arrays: no Python object per row or per token."""
+
+    input_ids: np.ndarray
+    """Every row's tokens end to end."""
+    position_ids: np.ndarray
+    """0 at each segment's first token, counting up inside it (segments never cross rows)."""
+    starts: np.ndarray
+    """[rows + 1] int32: row r is input_ids[starts[r]:starts[r + 1]]."""
+    segment_starts: np.ndarray
+    segments: np.ndarray
+
+    @classmethod
+    def from_arrow(cls, batch) -> _RowBatch:
+        from slm_pipeline.scoring.loss import row_position_ids
+
+        ids, segments = batch.column("input_ids"), batch.column("segment_lengths")
+        offsets = ids.offsets.to_numpy()
+        segment_offsets = segments.offsets.to_numpy()
+        segment_values = segments.flatten().to_numpy()
+        return cls(
+            input_ids=ids.flatten().to_numpy(),
+            position_ids=row_position_ids(segment_values),
+            starts=(offsets - offsets[0]).astype(np.int32),
+            segment_starts=segment_offsets - segment_offsets[0],
+            segments=segment_values,
+        )
+
+    def segment_lengths(self, row: int) -> np.ndarray:
+        return self.segments[self.segment_starts[row] : self.segment_starts[row + 1]]
+
+    def seq_id_at(self, batch_seq_ids, token: int) -> tuple[int, int]:
+        """(seq_id, position in its row) of a flat token index."""
+        row = int(np.searchsorted(self.starts, token, side="right")) - 1
+        return int(batch_seq_ids[row]), token - int(self.starts[row])
 
 
-def _check_finite(shard: str, seq_id: int, loss: np.ndarray, segment_lengths: list[int]) -> None:
-    """Only segment starts may be NaN: anything else non-finite means broken weights or numerics."""
-    bad = np.flatnonzero(~np.isfinite(loss) & scorable_mask(segment_lengths))
-    if len(bad):
-        raise SlmError(f"{shard}: row seq_id {seq_id}, position {bad[0]}: loss is {loss[bad[0]]}")
-
-
-def _float_lists(losses: list[np.ndarray]):
+def _batches_of_at_least(reader, rows: int) -> Iterator:
+    """The shard's record batches, consecutive ones combined until each holds `rows` rows (or the shard ends):
+    a forward pass of --batch-size rows whatever the rows per stored record batch."""
     import pyarrow as pa
 
-    offsets = np.concatenate([[0], np.cumsum([len(loss) for loss in losses])]).astype(np.int32)
-    values = np.concatenate(losses).astype(np.float32) if losses else np.zeros(0, np.float32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    pending: list = []
+    for index in range(reader.num_record_batches):
+        pending.append(reader.get_batch(index))
+        if sum(batch.num_rows for batch in pending) >= rows:
+            yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+            pending = []
+    if pending:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _equal_length_runs(lengths: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """(first row, rows) of consecutive rows of equal length, at most batch_size each."""
+    runs: list[tuple[int, int]] = []
+    for i, length in enumerate(lengths):
+        if runs and runs[-1][1] < batch_size and lengths[runs[-1][0]] == length:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _check_finite(shard: str, rows: _RowBatch, losses: np.ndarray, seq_ids) -> None:
+    """Only segment starts may be NaN: anything else non-finite means broken weights or numerics."""
+    bad = np.flatnonzero(~np.isfinite(losses) & (rows.position_ids != 0))
+    if len(bad):
+        seq_id, position = rows.seq_id_at(seq_ids, int(bad[0]))
+        raise SlmError(f"{shard}: row seq_id {seq_id}, position {position}: loss is {losses[bad[0]]}")
 
 
 def scores_schema():

@@ -22,6 +22,7 @@ from slm_pipeline import __version__
 from slm_pipeline.config import SelectConfig
 from slm_pipeline.data.packing import scorable_mask
 from slm_pipeline.data.shards import (
+    TOKENS_BATCH_TOKENS,
     atomic_path,
     file_sha256,
     fingerprint,
@@ -214,17 +215,24 @@ class _ShardJob:
         return policies.excess_score(np.asarray(losses[self.training], dtype=np.float32), reference)
 
 
+def _radix_histogram(scores: np.ndarray, high: int | None = None) -> np.ndarray:
+    import torch
+
+    scores_T = torch.from_numpy(np.asarray(scores, dtype=np.float32))
+    return policies.radix_histogram(policies.sortable_keys(scores_T), ~scores_T.isnan(), high).numpy()
+
+
 def _high_histogram_task(job: _ShardJob, shard: str) -> np.ndarray:
     histogram = np.zeros(1 << 16, dtype=np.int64)
     for _, _, scores in job.rows(shard):
-        histogram += policies.high_histogram(scores)
+        histogram += _radix_histogram(scores)
     return histogram
 
 
 def _low_histogram_task(job: _ShardJob, shard: str, high: int) -> np.ndarray:
     histogram = np.zeros(1 << 16, dtype=np.int64)
     for _, _, scores in job.rows(shard):
-        histogram += policies.low_histogram(scores, high)
+        histogram += _radix_histogram(scores, high)
     return histogram
 
 
@@ -240,15 +248,18 @@ class GlobalCut:
 def _global_cuts(job: _ShardJob, shards: list[str], ratio: float) -> list[GlobalCut]:
     """The exact key of the k-th largest score over all shards, and each shard's share of the ties at it."""
     import ray
+    import torch
 
     high_histograms = ray.get([ray.remote(_high_histogram_task).remote(job, shard) for shard in shards])
     total = sum(high_histograms)
     keep = policies.keep_count(ratio, int(total.sum()))
     if keep == 0:
         return [GlobalCut(None, 0)] * len(shards)
-    high, above_high = policies.kth_largest_bin(total, keep)
+    high, above_high = (int(v) for v in policies.kth_largest_bin(torch.from_numpy(total), keep))
     low_histograms = ray.get([ray.remote(_low_histogram_task).remote(job, shard, high) for shard in shards])
-    low, above_low = policies.kth_largest_bin(sum(low_histograms), keep - above_high)
+    low, above_low = (
+        int(v) for v in policies.kth_largest_bin(torch.from_numpy(sum(low_histograms)), keep - above_high)
+    )
     ties_needed = keep - above_high - above_low
     cuts = []
     for histogram in low_histograms:  # earlier shards first: corpus order
@@ -293,18 +304,20 @@ def _write_selection_shard(job: _ShardJob, shard: str, out: str, ratio: float, c
             pa.OSFile(str(temporary), "wb") as sink,
             pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer,
         ):
-            writer.write_table(table, max_chunksize=max(1, (1 << 20) // max(len(scores_list[0]), 1)))
+            writer.write_table(table, max_chunksize=max(1, TOKENS_BATCH_TOKENS // max(len(scores_list[0]), 1)))
         size, sha256 = temporary.stat().st_size, file_sha256(temporary)
     return {"name": shard, "rows": len(seq_ids), "bytes": size, "sha256": sha256, "by_source": by_source}
 
 
 def _threshold_mask(scores: np.ndarray, threshold_key: int | None, tie_quota: int) -> tuple[np.ndarray, int]:
     """Tokens above the global threshold, plus ties at it while the shard's quota lasts."""
+    import torch
+
     mask = np.zeros(len(scores), dtype=bool)
     if threshold_key is None:
         return mask, tie_quota
     scorable = np.flatnonzero(~np.isnan(scores))
-    keys = policies.sortable_keys(scores[scorable])
+    keys = policies.sortable_keys(torch.from_numpy(scores[scorable])).numpy()
     mask[scorable[keys > threshold_key]] = True
     ties = scorable[keys == threshold_key][:tie_quota]
     mask[ties] = True

@@ -56,8 +56,9 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "counters": counters,
             # Data order, held-out split and random selection use their own seeded generators;
-            # torch's is the only global RNG the loop draws from (dropout).
+            # torch's are the only global RNGs the loop draws from (dropout, on the CPU or the GPU).
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         torch.save(state, temporary / STATE_FILE)
         for file in temporary.iterdir():
@@ -109,4 +110,6 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, sharded: b
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=sharded))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():  # checkpoints before 2026-11-29 have none
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["counters"]

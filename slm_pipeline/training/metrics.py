@@ -92,9 +92,15 @@ def matmul_tflops(device: str) -> float | None:
 
 
 def flops_per_token(model, length: int) -> float:
-    """Forward FLOPs per token of a row of `length`: 2·(parameters − embeddings) + 2·layers·length·hidden
-    (the attention scores). Training is ~3× that; activation recomputation is not counted."""
+    """Forward FLOPs per token of a row of `length`: 2·(parameters but the input embedding, with the
+    LM head counted even when tied to it) + 2·layers·length·hidden (the attention scores).
+    Training is ~3× that; activation recomputation is not counted."""
     config = model.config
-    embedding = config.vocab_size * config.hidden_size
-    parameters = sum(p.numel() for p in model.parameters()) - embedding  # the LM head stays: it is a matmul
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    # The embedding is a lookup, no FLOPs; the LM head is a matmul even when it is the same tensor
+    # (tie_word_embeddings), which model.parameters() then yields only once.
+    parameters = sum(p.numel() for p in model.parameters() if p is not embedding)
+    if head is embedding:
+        parameters += head.numel()
     return 2 * parameters + 2 * config.num_hidden_layers * length * config.hidden_size

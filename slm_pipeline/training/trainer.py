@@ -1,15 +1,20 @@
 """`slm train`: the selective-LM trainer. The parts are built in one visible order; the loop is short.
 
-    device → model → optimizer → schedule → data → selector → checkpoint (resume) → metrics
+    device → model (fp32 masters) → transformations → optimizer → schedule → data → selector
+           → checkpoint (resume) → metrics
 
-`workers: 0` runs the loop in this process; `workers: N` runs it in N Ray Train workers
-(torch.distributed: gloo on CPU, nccl on GPU). Data parallelism is plain: each rank
-accumulates the gradient of its rows, normalised by the selected-token count of the whole
-step, and one all-reduce sums the ranks' gradients before the optimizer step.
+The model's transformations are applied in one place, in one order (`parallelize`):
+attention kernel (chosen at load, checked) → activation checkpointing → documents kept
+apart (probed) → FSDP2 or DDP. `workers: 0` runs the loop in this process; `workers: N` runs
+it in N Ray Train workers (torch.distributed: gloo on CPU, nccl on GPU; every collective
+runs on the device). Each rank accumulates the gradient of its rows, normalised by the
+selected-token count of the whole step; DDP's all-reduce overlaps the last micro-batch's
+backward, FSDP2 reduce-scatters once per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -24,6 +29,7 @@ from slm_pipeline.config import TrainConfig
 from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest, write_json
 from slm_pipeline.errors import SlmError
 from slm_pipeline.evaluation.heldout import LossBySource
+from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
 from slm_pipeline.scoring.loss import per_token_loss
 from slm_pipeline.training.checkpoint import (
     HELDOUT_FILE,
@@ -35,12 +41,15 @@ from slm_pipeline.training.checkpoint import (
 )
 from slm_pipeline.training.data import StepSchedule, TrainingRows
 from slm_pipeline.training.metrics import MetricsLogger, flops_per_token, matmul_tflops, truncate_metrics
-from slm_pipeline.training.selection import Selector
-from slm_pipeline.training.step import accumulate_gradients
+from slm_pipeline.training.prefetch import StepPrefetcher
+from slm_pipeline.training.selection import MicroBatch, Selector
+from slm_pipeline.training.step import SUMS, Collectives, accumulate_gradients
 
 
 def build_model(config: TrainConfig, dataset_manifest: dict):
-    """An HF causal LM from a directory, or a new one from an architecture dict (seeded)."""
+    """An HF causal LM in fp32 (the master weights; compute runs under bf16 autocast), from a directory
+    or, seeded, from an architecture dict. A bf16 checkpoint is upcast: AdamW on bf16 weights loses every
+    update below half a bf16 step (1.0 + 1e-3 rounds back to 1.0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if isinstance(config.model, dict):
@@ -52,15 +61,36 @@ def build_model(config: TrainConfig, dataset_manifest: dict):
         if config.attn_implementation:
             model_config._attn_implementation = config.attn_implementation
         torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(model_config)
-    else:
-        model_config = apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model, config=model_config, attn_implementation=config.attn_implementation
-        )
+        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model_config = apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)
+    return load_causal_lm(config.model, torch.float32, config.attn_implementation, config=model_config)
+
+
+def parallelize(model, config: TrainConfig, device: torch.device, world_size: int, autocast_dtype):
+    """The model's transformations, in this order: attention kernel → activation checkpointing → documents
+    kept apart → FSDP2 or DDP. Returns (the model, what runs the training forward: the model itself, or
+    its DDP wrapper); FSDP2 changes the model in place."""
+    check_attention_kernel(config.attn_implementation, config.rows_per_micro_batch, device, "rows_per_micro_batch")
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+    if config.fsdp and world_size > 1:
+        model = shard_model(model, device, world_size)
+    else:
+        model = model.to(device)
+    # After sharding (its forward is the one that runs) and before DDP (which wants every forward to
+    # end in a backward); all ranks probe alike.
+    require_document_isolation(model, config.rows_per_micro_batch, autocast_dtype, config.document_isolation)
+    if config.fsdp and world_size > 1:
+        model.reshard()  # the root unit stays gathered after a forward: the optimizer must see the shards
+    if world_size > 1 and not config.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model
 
 
 def apply_model_overrides(model_config, overrides: dict):
@@ -142,11 +172,16 @@ class Trainer:
     config: TrainConfig
     device: torch.device
     model: torch.nn.Module
+    """The HF model (FSDP2-sharded in place when `fsdp`): checkpoints, held-out loss."""
+    parallel_model: torch.nn.Module
+    """What runs the training forward: the model, or its DDP wrapper."""
+    collectives: Collectives
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rows: TrainingRows
     schedule: StepSchedule
     selector: Selector
+    prefetcher: StepPrefetcher
     logger: MetricsLogger | None
 
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
@@ -156,7 +191,7 @@ class Trainer:
         manifest = read_dataset_manifest(dataset)
         check_sidecars(config, dataset, manifest)
 
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.device = _local_device()
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         checkpoint = latest_checkpoint(self.run_dir) if config.resume else None
         # A resumed run loads its weights as any HF model directory (tied embeddings included).
@@ -168,7 +203,10 @@ class Trainer:
         if self.device.type == "cuda":  # MFU: 3 × forward FLOPs per token over the bf16 matmul rate measured here
             self.flops_per_token = flops_per_token(model, manifest["seq_len"])
             self.peak_tflops = matmul_tflops("cuda")
-        self.model = (shard_model(model, self.device, world_size) if self.sharded else model.to(self.device)).train()
+        autocast_dtype = torch.bfloat16 if self.bf16 else None
+        self.model, self.parallel_model = parallelize(model, config, self.device, world_size, autocast_dtype)
+        self.model.train()
+        self.collectives = Collectives(self.device, rank, world_size)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -203,6 +241,7 @@ class Trainer:
             )
         if rank == 0:  # lines past the checkpoint (or of an attempt that never reached one) are redone
             truncate_metrics(self.run_dir, self.step)
+        self.prefetcher = StepPrefetcher(self.load_step, self.step, config.steps, pin=self.device.type == "cuda")
         self.logger = MetricsLogger(self.run_dir, config, config.resume) if rank == 0 else None
         self.tokenizer = None
 
@@ -223,63 +262,63 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sel=f"{metrics['selected_fraction']:.2f}")
         progress.close()
+        self.prefetcher.close()
         if self.logger:
             self.logger.close()
         self.maybe_report(metrics)
         return metrics
 
+    def load_step(self, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of `step`, on the host (a background thread runs it one step ahead)."""
+        micro_batches = self.rows.micro_batches(self.schedule.rank_micro_batches(step, self.rank))
+        return [self.selector.draw_random_scores(mb, step) for mb in micro_batches]
+
     def train_step(self, step: int) -> dict:
         started = time.perf_counter()
-        micro_batches = [self.rows.micro_batch(rows) for rows in self.schedule.rank_micro_batches(step, self.rank)]
+        micro_batches = [mb.to(self.device) for mb in self.prefetcher.get(step)]
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             stats = accumulate_gradients(
-                self.model,
+                self.parallel_model,
                 micro_batches,
                 self.selector,
-                step,
                 self.config.chunk_positions,
-                _all_reduce_sum,
-                _all_gather,
-                self.rank,
+                self.collectives,
+                gradient_multiplier=self.world_size if self.parallel_model is not self.model else 1.0,
+                no_sync=self.no_gradient_sync,
             )
-        if self.world_size > 1 and not self.sharded:  # FSDP has reduce-scattered them in backward
-            _all_reduce_gradients(self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        grad_norm = torch.zeros((), device=self.device)
+        if stats.selected_in_step:  # a step that selects nothing has nothing to learn: no update at all
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        totals = _all_reduce_floats(
-            [
-                stats.selected,
-                stats.scorable,
-                stats.loss_sum_selected,
-                stats.loss_sum_all,
-                stats.reference_sum,
-                stats.excess_sum,
-            ]
-        )
-        selected, scorable, loss_selected, loss_all, reference, excess = totals
-        seconds = time.perf_counter() - started  # .item() above synchronised the device
+        # The step's one wait for the device: every rank's sums, and the gradient norm.
+        totals = self.collectives.all_reduce(stats.sums)
+        values = torch.cat([totals, grad_norm.detach().double().reshape(1)]).tolist()
+        sums, grad_norm = dict(zip(SUMS, values[:-1], strict=True)), values[-1]
+        seconds = time.perf_counter() - started
         tokens = self.schedule.rows_per_step * self.rows.manifest["seq_len"]
+        selected, scorable = sums["selected"], max(sums["scorable"], 1)
         self.counters["tokens"] += tokens
         self.counters["selected_tokens"] += int(selected)
         metrics = {
-            "loss": loss_selected / max(selected, 1),
-            "loss_all": loss_all / max(scorable, 1),
-            "selected_fraction": selected / max(scorable, 1),
+            "loss": sums["loss_selected"] / max(selected, 1),
+            "loss_all": sums["loss_all"] / scorable,
+            "selected_fraction": selected / scorable,
             "tokens_per_s": tokens / seconds,
             "selected_tokens_per_s": selected / seconds,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "grad_norm": grad_norm,
             "tokens_seen": self.counters["tokens"],
             "time/step_s": seconds,
         }
         if self.config.reference:
-            metrics["reference_loss"] = reference / max(scorable, 1)
-            metrics["excess_loss"] = excess / max(scorable, 1)
+            metrics["reference_loss"] = sums["reference"] / scorable
+            metrics["excess_loss"] = (sums["loss_all"] - sums["reference"]) / scorable
         if self.device.type == "cuda":
             metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             achieved = 3 * self.flops_per_token * tokens / seconds / self.world_size
@@ -287,6 +326,15 @@ class Trainer:
         if self.logger and self.config.log_samples_every and (step + 1) % self.config.log_samples_every == 0:
             self.log_samples(step + 1, stats)
         return metrics
+
+    def no_gradient_sync(self) -> contextlib.AbstractContextManager:
+        """Hold back gradient communication until the step's last micro-batch: DDP's no_sync; FSDP2
+        reduce-scatters once, after the last backward, instead of after every micro-batch."""
+        if self.parallel_model is not self.model:
+            return self.parallel_model.no_sync()
+        if self.sharded:
+            return _fsdp_gradient_sync_off(self.model)
+        return contextlib.nullcontext()
 
     def should_eval(self) -> bool:
         every = self.config.eval_every
@@ -300,10 +348,9 @@ class Trainer:
         losses = LossBySource()
         for start in range(0, len(self.rows.heldout), self.config.rows_per_micro_batch):
             rows = self.rows.heldout[start : start + self.config.rows_per_micro_batch]
-            mb = self.rows.micro_batch(rows)
-            ids = torch.as_tensor(mb.input_ids, device=self.device)
+            mb = self.rows.micro_batch(rows).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss_BT = per_token_loss(self.model, ids, mb.segment_lengths, self.config.chunk_positions)
+                loss_BT = per_token_loss(self.model, mb.input_ids, mb.position_ids, self.config.chunk_positions)
             for row_loss, source in zip(loss_BT.cpu().numpy(), self.rows.sources[rows], strict=True):
                 losses.add(str(source), row_loss)
         self.model.train()
@@ -311,15 +358,21 @@ class Trainer:
         return {"heldout_loss": losses.mean, **by_source}
 
     def log_samples(self, step: int, stats) -> None:
+        """W&B: the step's scores and a few sample rows, selected tokens in [brackets] (each row's first
+        SAMPLE_TOKENS tokens: a table cell cannot show a 1M-token row, and decoding it would cost seconds)."""
         from slm_pipeline.data.tokenizer import load_tokenizer
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.rows.manifest["tokenizer"]["name"])
-        rows = []
-        for ids, mask in zip(stats.sample_rows[:4], stats.sample_mask[:4], strict=False):
-            pieces = [self.tokenizer.decode([int(t)]) for t in ids]
-            rows.append("".join(f"[{p}]" if m else p for p, m in zip(pieces, mask, strict=True)))
-        self.logger.log_samples(step, stats.sample_scores, list(enumerate(rows)))
+        ids = stats.sample_ids[:SAMPLE_ROWS, :SAMPLE_TOKENS].cpu().numpy()
+        masks = stats.sample_mask[:SAMPLE_ROWS, :SAMPLE_TOKENS].cpu().numpy()
+        # Each distinct token decoded once, then looked up: one tokenizer call per sample, not per token.
+        distinct, index = np.unique(ids, return_inverse=True)
+        pieces = np.array(self.tokenizer.batch_decode(distinct[:, None]), dtype=object)[index.reshape(ids.shape)]
+        marked = np.where(masks, "[" + pieces + "]", pieces)
+        rows = [(i, "".join(row)) for i, row in enumerate(marked)]
+        scores = stats.sample_scores.cpu().numpy() if stats.sample_scores is not None else np.zeros(0)
+        self.logger.log_samples(step, scores, rows)
 
     def save(self) -> None:
         state = training_state(self.model, self.optimizer, self.sharded)  # with FSDP, a gather on every rank
@@ -336,6 +389,22 @@ class Trainer:
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
 
 
+SAMPLE_ROWS, SAMPLE_TOKENS = 4, 2048
+
+
+@contextlib.contextmanager
+def _fsdp_gradient_sync_off(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _local_device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
 def _in_ray_train() -> bool:
     try:
         import ray.train
@@ -343,42 +412,6 @@ def _in_ray_train() -> bool:
         return ray.train.get_context() is not None and torch.distributed.is_initialized()
     except Exception:  # outside a Ray Train worker there is no context
         return False
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_reduce_sum(value: int) -> int:
-    if not _distributed():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return int(tensor.item())
-
-
-def _all_reduce_floats(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if _distributed():
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _all_gather(array: np.ndarray) -> list[np.ndarray]:
-    if not _distributed():
-        return [array]
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, array)
-    return gathered
-
-
-def _all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Sum the ranks' gradients: each already carries the 1 / (selected tokens of the step) factor."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat)
-    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(reduced)
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -402,12 +435,16 @@ def train(config: TrainConfig) -> dict:
     manifest = read_dataset_manifest(Path(config.data))
     check_sidecars(config, Path(config.data), manifest)
     check_model_vocabulary(config, manifest)
-    prepare_run_dir(config)
     if config.workers == 0:
+        check_attention_kernel(
+            config.attn_implementation, config.rows_per_micro_batch, _local_device(), "rows_per_micro_batch"
+        )
+        prepare_run_dir(config)
         Trainer(config).train()
         return last_metrics(Path(config.out))
 
     import ray
+    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -415,14 +452,32 @@ def train(config: TrainConfig) -> dict:
 
     init_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= config.workers
+    workers_device = torch.device("cuda" if use_gpu else "cpu")
+    check_attention_kernel(
+        config.attn_implementation, config.rows_per_micro_batch, workers_device, "rows_per_micro_batch"
+    )
+    prepare_run_dir(config)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=dataclasses.asdict(config),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
         run_config=RunConfig(name="ray_train", storage_path=str(Path(config.out).resolve())),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as error:  # a worker's refusal (e.g. the document probe) reads as one line
+        if refusal := _worker_refusal(error):
+            raise SlmError(refusal) from None
+        raise
     return last_metrics(Path(config.out))
+
+
+def _worker_refusal(error) -> str | None:
+    for failure in error.worker_failures.values():
+        for candidate in (failure, getattr(failure, "cause", None), failure.__cause__):
+            if isinstance(candidate, SlmError):
+                return str(candidate)
+    return None
 
 
 def prepare_run_dir(config: TrainConfig) -> None:

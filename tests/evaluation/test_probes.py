@@ -61,21 +61,70 @@ def test_multikey_probe_has_distractor_needles_and_variable_tracking_a_chain(tok
     assert f"= {tokenizer.decode(probe.answer).strip()}." in chain
 
 
-def test_score_equals_full_logits_and_exact_match_equals_greedy_generation(model, tokenizer):
-    probe = ProbeBuilder(tokenizer).build("passkey", 256, 0.5, sample=0)
-    log_prob, matched = score_probe(model, probe, "cpu")
+@pytest.fixture(scope="module")
+def passkey_probe(tokenizer) -> Probe:
+    return ProbeBuilder(tokenizer).build("passkey", 256, 0.5, sample=0)
+
+
+@pytest.fixture(scope="module")
+def memorised_model(tmp_path_factory, passkey_probe):
+    """The tiny model overfit on the passkey probe's answer: greedy decoding of its prompt gives the answer."""
+    model = load(save_tiny_llama(tmp_path_factory.mktemp("memorised-model"), max_positions=512)).train()
+    ids = torch.tensor([passkey_probe.prompt + passkey_probe.answer])
+    count = len(passkey_probe.answer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # Adam at 1e-2 makes the answer the argmax within a few steps; at 20 each answer token leads the
+    # runner-up by more than one nat, far beyond the numerical noise between generate and one forward.
+    for _ in range(20):
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=count + 1).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, -count:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def greedy_continuation(model, prompt: list[int], count: int) -> list[int]:
+    """What a real greedy `generate` (KV cache, one token at a time) appends to the prompt."""
+    prompt_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        generated = model.generate(
+            prompt_ids, max_new_tokens=count, do_sample=False, attention_mask=torch.ones_like(prompt_ids)
+        )
+    return generated[0, len(prompt) :].tolist()
+
+
+def with_answer(probe: Probe, answer: list[int]) -> Probe:
+    return Probe(probe.task, probe.length, probe.depth, probe.prompt, answer)
+
+
+def test_answer_logprob_equals_full_logits(model, passkey_probe):
+    probe = passkey_probe
+    log_prob, _ = score_probe(model, probe, "cpu")
     ids = torch.tensor([probe.prompt + probe.answer])
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0].float()
     expected = torch.log_softmax(logits[len(probe.prompt) - 1 : -1], dim=-1)
     assert log_prob == pytest.approx(float(expected.gather(1, torch.tensor(probe.answer)[:, None]).sum()), abs=1e-4)
 
-    # A probe whose answer is what the model generates greedily must match; change one token and it must not.
-    prompt = torch.tensor([probe.prompt])
-    with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(prompt))
-    own = generated[0, len(probe.prompt) :].tolist()
-    assert matched is False or probe.answer == own
-    assert score_probe(model, Probe("passkey", 256, 0.5, probe.prompt, own), "cpu")[1] is True
-    other = [*own[:2], (own[2] + 1) % model.config.vocab_size]
-    assert score_probe(model, Probe("passkey", 256, 0.5, probe.prompt, other), "cpu")[1] is False
+
+def test_exact_match_when_the_model_has_memorised_the_answer(memorised_model, passkey_probe, tokenizer):
+    answer = passkey_probe.answer
+    assert greedy_continuation(memorised_model, passkey_probe.prompt, len(answer)) == answer
+    assert score_probe(memorised_model, passkey_probe, "cpu")[1] is True
+    # One wrong token, first or last, and greedy decoding no longer gives the answer.
+    vocab = memorised_model.config.vocab_size
+    for wrong in ([(answer[0] + 1) % vocab, *answer[1:]], [*answer[:-1], (answer[-1] + 1) % vocab]):
+        assert greedy_continuation(memorised_model, passkey_probe.prompt, len(wrong)) != wrong
+        assert score_probe(memorised_model, with_answer(passkey_probe, wrong), "cpu")[1] is False
+
+
+def test_no_exact_match_when_greedy_decoding_gives_something_else(model, passkey_probe):
+    """The untrained model does not know the pass key: no match, though it does match its own greedy output."""
+    answer = passkey_probe.answer
+    own = greedy_continuation(model, passkey_probe.prompt, len(answer))
+    assert own != answer
+    assert score_probe(model, passkey_probe, "cpu")[1] is False
+    assert score_probe(model, with_answer(passkey_probe, own), "cpu")[1] is True
+    other = [*own[:-1], (own[-1] + 1) % model.config.vocab_size]
+    assert score_probe(model, with_answer(passkey_probe, other), "cpu")[1] is False

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slm_pipeline.scoring.loss import per_token_loss, windowed_token_loss
+from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids, windowed_token_loss
 from tests.models import load, naive_document_loss, save_tiny_llama
 
 
@@ -24,7 +24,9 @@ def random_documents(lengths: list[int], seed: int) -> list[list[int]]:
 def test_packed_rows_score_like_documents_alone(model):
     rows = [random_documents([7, 30, 1, 26], seed=1), random_documents([64], seed=2)]
     ids_BT = torch.tensor([sum(docs, []) for docs in rows])
-    loss_BT = per_token_loss(model, ids_BT, [[len(d) for d in docs] for docs in rows], chunk_positions=5)
+    loss_BT = per_token_loss(
+        model, ids_BT, segment_position_ids([[len(d) for d in docs] for docs in rows]), chunk_positions=5
+    )
     for row, docs in zip(loss_BT, rows, strict=True):
         expected = torch.cat([naive_document_loss(model, doc) for doc in docs])
         torch.testing.assert_close(row, expected, atol=1e-4, rtol=0, equal_nan=True)
@@ -35,8 +37,8 @@ def test_packed_rows_score_like_documents_alone(model):
 def test_chunk_size_does_not_change_the_losses(model):
     docs = random_documents([20, 44], seed=3)
     ids = torch.tensor([sum(docs, [])])
-    a = per_token_loss(model, ids, [[20, 44]], chunk_positions=1)
-    b = per_token_loss(model, ids, [[20, 44]], chunk_positions=10_000)
+    a = per_token_loss(model, ids, segment_position_ids([[20, 44]]), chunk_positions=1)
+    b = per_token_loss(model, ids, segment_position_ids([[20, 44]]), chunk_positions=10_000)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,7 @@ def test_keep_count_rounds_half_up():
 @given(st.lists(floats, min_size=1, max_size=50))
 def test_sortable_keys_preserve_order(values):
     scores = np.array(values, dtype=np.float32)
-    keys = policies.sortable_keys(scores)
+    keys = policies.sortable_keys(torch.from_numpy(scores)).numpy()
     for i in range(len(scores)):
         for j in range(len(scores)):
             if scores[i] < scores[j]:
@@ -56,11 +57,16 @@ def test_radix_threshold_is_the_exact_kth_largest(shards, ratio):
     keep = policies.keep_count(ratio, len(scorable))
     if keep == 0:
         return
-    high, above_high = policies.kth_largest_bin(sum(policies.high_histogram(a) for a in arrays), keep)
-    low, above_low = policies.kth_largest_bin(sum(policies.low_histogram(a, high) for a in arrays), keep - above_high)
-    threshold = policies.key_to_score((high << 16) | low)
+    tensors = [torch.from_numpy(a) for a in arrays]
+
+    def histogram(high=None):  # summed over shards, as `slm select` and the trainer's all-reduce sum them
+        return sum(policies.radix_histogram(policies.sortable_keys(t), ~t.isnan(), high) for t in tensors)
+
+    high, above_high = policies.kth_largest_bin(histogram(), keep)
+    low, above_low = policies.kth_largest_bin(histogram(high), keep - above_high)
+    threshold = policies.key_to_score(int((high << 16) | low))
     assert threshold == scorable[keep - 1]
-    assert above_high + above_low == int((scorable > threshold).sum())
+    assert int(above_high + above_low) == int((scorable > threshold).sum())
 
 
 def test_random_scores_are_keyed_by_seed_and_row():

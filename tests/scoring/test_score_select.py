@@ -382,3 +382,19 @@ def test_verify_passes_then_names_each_damaged_file(workspace, tmp_path):
     assert result.returncode == 1
     assert f"{damaged}: checksum differs from the manifest's" in result.stdout
     assert f"{copy / 'tokens' / 'part-00002.arrow'}: missing" in result.stdout
+
+
+def test_a_forward_pass_gathers_rows_across_stored_record_batches(tmp_path):
+    """--batch-size rows per forward whatever the rows per stored record batch (long rows: one or two a batch):
+    consecutive record batches are combined, in order, every row once."""
+    from slm_pipeline.scoring.score import _batches_of_at_least
+
+    table = pa.table({"seq_id": pa.array(range(10), pa.int64()), "input_ids": [[i] * 3 for i in range(10)]})
+    path = tmp_path / "rows.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)  # record batches of 3, 3, 3, 1 rows
+    reader = pa.ipc.open_file(str(path))
+    batches = list(_batches_of_at_least(reader, 4))
+    assert [batch.num_rows for batch in batches] == [6, 4]
+    assert pa.Table.from_batches(batches).equals(table)
+    assert [batch.num_rows for batch in _batches_of_at_least(reader, 1)] == [3, 3, 3, 1]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from slm_pipeline.config import TrainConfig, load_train_config
 from slm_pipeline.training.trainer import train
 from tests.conftest import run_slm
-from tests.models import save_tiny_llama
+from tests.models import HYBRID_ARCHITECTURE, naive_document_loss, save_tiny_llama
 
 TOKENIZER = "builtin:pydoc-bpe-4k"
 ARCHITECTURE = {
@@ -46,6 +47,7 @@ def dataset(tmp_path_factory, ray_address) -> Path:
     reference = save_tiny_llama(root / "reference", max_positions=128)
     run_slm("score", str(data), "--model", str(reference), "--name", "ref", "--batch-size", "8", "--no-progress")
     run_slm("select", str(data), "--scorer", "reference", "--reference", "ref", "--ratio", "0.6", "--name", "easy")
+    run_slm("select", str(data), "--scorer", "reference", "--reference", "ref", "--ratio", "0", "--name", "none")
     return data
 
 
@@ -89,6 +91,7 @@ def test_each_mode_trains_and_its_loss_falls(dataset, tmp_path, mode_options):
     assert [line["step"] for line in lines] == list(range(1, 31))
     first, last = lines[0]["loss_all"], sum(line["loss_all"] for line in lines[-3:]) / 3
     assert last < first - 0.3, (first, last)
+    assert lines[0]["lr"] == pytest.approx(3e-3 / 2)  # the rate step 1 used: warmup's first half step
     expected_fraction = {"clm": 1.0, "random": 0.6, "rho1": 0.6}.get(mode_options["mode"])
     for line in lines:
         if expected_fraction:
@@ -123,9 +126,17 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_weights(dataset, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-def test_two_ray_workers_take_the_same_steps_as_one(dataset, tmp_path, fsdp):
-    common = dict(mode="rho1", scope="global", steps=2, rows_per_micro_batch=2)
+@pytest.mark.parametrize(
+    ("fsdp", "mode_options"),
+    [
+        (False, {"mode": "rho1", "scope": "global"}),
+        (True, {"mode": "rho1", "scope": "global"}),
+        (False, {"mode": "static", "selection": "easy"}),  # DDP; each rank's share of the mask differs
+    ],
+    ids=["replicated-rho1-global", "fsdp-rho1-global", "replicated-static"],
+)
+def test_two_ray_workers_take_the_same_steps_as_one(dataset, tmp_path, fsdp, mode_options):
+    common = dict(steps=2, rows_per_micro_batch=2, **mode_options)
     # One worker: a Ray Train worker for the replicated case, this process for FSDP (Ray's path is tested once).
     train(config(dataset, tmp_path / "one", workers=0 if fsdp else 1, accumulation=2, **common))
     train(config(dataset, tmp_path / "two", workers=2, accumulation=1, fsdp=fsdp, save_every=1, **common))
@@ -206,6 +217,10 @@ def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp
         ({"mode": "static", "selection": "nope"}, "selection: "),
         ({"model": {**ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
         ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
+        ({"attn_implementation": "flash_attention_2", "rows_per_micro_batch": 2}, "set rows_per_micro_batch: 1"),
+        ({"attn_implementation": "flex_attention"}, "flex_attention is for GPUs"),
+        ({"model": HYBRID_ARCHITECTURE}, "Qwen3_5GatedDeltaNet"),
+        ({"document_isolation": "sometimes"}, "document_isolation must be packed or per_document"),
     ],
 )
 def test_bad_configs_fail_before_training(dataset, tmp_path, values, message):
@@ -260,3 +275,73 @@ def test_job_files_are_valid_configs(job):
     loaded = load_train_config(str(job))
     assert loaded.steps > 0 and loaded.mode in ("clm", "rho1")
     assert loaded.reference if loaded.mode == "rho1" else loaded.reference is None
+
+
+def test_a_bf16_checkpoint_trains_in_fp32_master_weights(dataset, tmp_path):
+    """From a bf16 checkpoint, AdamW must update fp32 weights: in bf16, 1.0 + 1e-3 rounds back to 1.0 and the
+    norm gains (all 1.0 at initialisation) would never move."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_llama(tmp_path / "fp32", max_positions=128)
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(torch.bfloat16).save_pretrained(
+        tmp_path / "bf16"
+    )
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    train(config(dataset, tmp_path / "run", model=str(tmp_path / "bf16"), steps=3, learning_rate=1e-3, warmup_steps=0))
+    trained = load_file(tmp_path / "run" / "checkpoints" / "step-3" / "model.safetensors")
+    norm = trained["model.norm.weight"]
+    assert norm.dtype == torch.float32  # checkpoints hold the fp32 master weights
+    moved = (norm - 1.0).abs()
+    assert moved.min() > 1e-4 and moved.max() < 0.01, (moved.min(), moved.max())  # ~3 steps of ~lr each
+
+
+def test_a_hybrid_trains_and_scores_per_document_and_is_refused_packed(dataset, tmp_path):
+    """Qwen3.5-style Gated DeltaNet on its torch fallback (which ignores document boundaries): refused packed by
+    score and eval as by train (its bad-config case); per document it trains with rho1, its checkpoint reloads,
+    and `slm score` gives each document's own losses."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "hybrid"
+    train(config(dataset, run, model=HYBRID_ARCHITECTURE, mode="rho1", steps=3, document_isolation="per_document"))
+    assert [line["step"] for line in metrics(run)] == [1, 2, 3]
+    checkpoint = run / "checkpoints" / "step-3"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen3_5ForCausalLM"
+
+    refused = run_slm(
+        "score", str(dataset), "--model", str(checkpoint), "--name", "hybrid", "--no-progress", check=False
+    )
+    assert refused.returncode == 1 and "Qwen3_5GatedDeltaNet" in refused.stderr, refused.stderr[-2000:]
+    assert not (dataset / "scores" / "hybrid" / "manifest.json").exists()
+    refused = run_slm("eval", str(run), str(dataset), "--no-probes", "--no-progress", check=False)
+    assert refused.returncode == 1 and "Qwen3_5GatedDeltaNet" in refused.stderr, refused.stderr[-2000:]
+
+    run_slm("score", str(dataset), "--model", str(run), "--name", "hybrid", "--batch-size", "4",
+            "--document-isolation", "per_document", "--no-progress")  # fmt: skip
+    import pyarrow as pa
+
+    scores = pa.ipc.open_file(dataset / "scores" / "hybrid" / "part-00000.arrow").read_all().slice(0, 3)
+    tokens = pa.ipc.open_file(dataset / "tokens" / "part-00000.arrow").read_all().slice(0, 3)
+    for ids, lengths, stored in zip(tokens["input_ids"].to_pylist(), tokens["segment_lengths"].to_pylist(),
+                                    scores["loss"].to_pylist(), strict=True):  # fmt: skip
+        starts = np.cumsum([0, *lengths[:-1]])
+        expected = torch.cat([naive_document_loss(model, ids[s : s + n]) for s, n in zip(starts, lengths, strict=True)])
+        torch.testing.assert_close(torch.tensor(stored), expected, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_steps_that_select_nothing_make_no_update_on_two_workers(dataset, tmp_path):
+    """A stored selection that keeps nothing: every step has nothing to learn from; two DDP workers go through
+    it without an update (the weights stay the seeded initial ones) instead of failing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run = tmp_path / "none"
+    train(config(dataset, run, mode="static", selection="none", workers=2, accumulation=1, steps=2))
+    for line in metrics(run):
+        assert line["selected_fraction"] == 0 and line["grad_norm"] == 0 and line["loss_all"] > 0
+    fields = {k: v for k, v in ARCHITECTURE.items() if k != "model_type"}
+    torch.manual_seed(0)  # the config's seed: build_model's initialisation
+    initial = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=4096, **fields))
+    trained = load_file(run / "checkpoints" / "step-2" / "model.safetensors")
+    for name, weight in initial.state_dict().items():
+        torch.testing.assert_close(trained[name], weight, atol=0, rtol=0)
