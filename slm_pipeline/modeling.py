@@ -149,7 +149,7 @@ def probe_document_isolation(
 def _kind(model, name: str) -> str:
     """`Conv1d in Qwen3_5GatedDeltaNet`: the module's class and its parent's, which names the layer type."""
     modules = dict(model.named_modules())
-    kind = type(modules[name]).__name__ if name in modules else "?"
+    kind = type(modules.get(name, model)).__name__  # not a module's name: the model's own output
     parent = modules.get(name.rpartition(".")[0]) if "." in name else None
     return f"{kind} in {type(parent).__name__}" if parent is not None else kind
 

@@ -3,6 +3,8 @@ per-document mode that makes hybrids correct, and the attention kernels refused 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -49,6 +51,52 @@ def test_the_probe_catches_attention_that_sees_the_previous_document():
 
     leak = probe_document_isolation(model, rows=2, autocast_dtype=None, forward=without_restarts)
     assert leak is not None and "LlamaAttention" in leak.kind, leak
+
+
+def test_the_probe_catches_a_small_leak_and_a_difference_from_the_document_alone():
+    """Sensitivity: a leak of 1e-4 of the first token's state into every later one, and outputs that are the
+    same whatever comes first but differ from the document run alone by 1%."""
+    from slm_pipeline.scoring.loss import final_hidden_states
+
+    model = tiny_llama("sdpa")
+
+    def small_leak(input_ids, position_ids):
+        hidden = final_hidden_states(model, input_ids, position_ids)
+        return hidden + 1e-4 * hidden[:, :1]
+
+    def off_when_packed(input_ids, position_ids):
+        hidden = final_hidden_states(model, input_ids, position_ids)
+        return hidden * 1.01 if input_ids.shape[1] > 24 else hidden
+
+    assert probe_document_isolation(model, rows=2, autocast_dtype=None, forward=small_leak) is not None
+    leak = probe_document_isolation(model, rows=2, autocast_dtype=None, forward=off_when_packed)
+    assert leak is not None and leak.module == "final hidden states (packed vs alone)", leak
+    assert leak.kind == "LlamaForCausalLM"
+
+
+def test_the_probe_leaves_the_model_in_its_mode_and_the_flag_is_seen_through_a_wrapper():
+    from types import SimpleNamespace
+
+    from slm_pipeline.modeling import runs_documents_alone
+
+    model = tiny_hybrid().train()
+    set_document_isolation(model, "per_document")
+    assert probe_document_isolation(model, rows=2, autocast_dtype=None) is None
+    assert model.training  # dropout was off for the probe only
+    assert runs_documents_alone(SimpleNamespace(module=model))  # DDP keeps the model in .module
+
+
+def test_models_load_without_remote_code_unless_asked(tmp_path):
+    from slm_pipeline.modeling import load_causal_lm
+    from tests.models import save_tiny_llama
+
+    path = save_tiny_llama(tmp_path / "m", vocab_size=300)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "modeling_evil.py").write_text("raise RuntimeError('remote code ran')\n")
+    model = load_causal_lm(str(path), torch.bfloat16)  # the auto_map is ignored: remote code stays off
+    assert type(model).__name__ == "LlamaForCausalLM" and next(model.parameters()).dtype == torch.bfloat16
 
 
 def test_a_leaking_model_is_refused_in_one_line_naming_the_layer():
@@ -110,6 +158,8 @@ def test_kernels_that_would_drop_document_masking_or_cannot_run_are_refused(kern
 
 
 @pytest.mark.parametrize(("kernel", "rows", "device"), [("flash_attention_2", 1, "cuda"), ("flex_attention", 8, "cuda"),
-                                                          ("sdpa", 8, "cpu"), (None, 8, "cpu")])  # fmt: skip
+                                                          ("sdpa", 8, "cpu"), (None, 8, "cpu"),
+                                                          ("flex_attention", 8, None)])  # fmt: skip
 def test_kernels_that_keep_documents_apart_pass(kernel, rows, device):
-    check_attention_kernel(kernel, rows, torch.device(device), "rows_per_micro_batch")
+    """(None: the device is not known yet, as in `slm score`'s driver: the actors check again.)"""
+    check_attention_kernel(kernel, rows, torch.device(device) if device else None, "rows_per_micro_batch")

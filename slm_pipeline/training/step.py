@@ -61,7 +61,7 @@ class StepStats:
     selected_in_step: int
     """Tokens the whole step selected, over all ranks: 0 means nothing to learn from (no backward ran)."""
     sample_ids: torch.Tensor | None = None
-    """The first micro-batch's token ids, with its mask and scores (or current losses), for W&B samples."""
+    """The first micro-batch's token ids, with its mask and (rho1, random) its scores, for W&B samples."""
     sample_mask: torch.Tensor | None = None
     sample_scores: torch.Tensor | None = None
 
@@ -94,6 +94,7 @@ def accumulate_gradients(
 
     masks: list[torch.Tensor | None] = [None] * len(micro_batches)
     current: list[torch.Tensor | None] = [None] * len(micro_batches)
+    scores: list[torch.Tensor | None] = [None] * len(micro_batches)
     if selector.ranks_whole_step:  # the cut needs every score of the step first
         if selector.needs_current_loss:
             current = [_current_loss(model, mb, head, config, chunk_positions) for mb in micro_batches]
@@ -109,12 +110,11 @@ def accumulate_gradients(
             hidden_BTH = final_hidden_states(model, mb.input_ids, mb.position_ids)
             hidden_MH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
             targets_M = mb.input_ids[:, 1:].reshape(-1)
-            scores_BT = None
             if selector.needs_current_loss and current[index] is None:
                 current[index] = _token_space(_position_losses(hidden_MH, head, targets_M, config, chunk_positions), mb)
             if masks[index] is None:
-                scores_BT = selector.scores(mb, current[index]) if selector.mode in ("rho1", "random") else None
-                masks[index] = selector.mask(mb, scores_BT)
+                scores[index] = selector.scores(mb, current[index]) if selector.mode in ("rho1", "random") else None
+                masks[index] = selector.mask(mb, scores[index])
             # Selected positions first (in order), then the rest: a gather with no host round trip.
             order_M = torch.argsort((~masks[index][:, 1:].reshape(-1)).to(torch.int8), stable=True)
             selected_K, rest = order_M[: counts[index]], order_M[counts[index] :]
@@ -127,7 +127,7 @@ def accumulate_gradients(
         stats.sums += _sums(mb, counts[index], loss_sum.detach(), loss_all)
         if index == 0:
             stats.sample_ids, stats.sample_mask = mb.input_ids, masks[index]
-            stats.sample_scores = scores_BT if scores_BT is not None else current[index]
+            stats.sample_scores = scores[index]
     return stats
 
 

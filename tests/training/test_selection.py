@@ -15,13 +15,15 @@ import torch.multiprocessing as mp
 from slm_pipeline.scoring.policies import keep_count
 from slm_pipeline.training.selection import global_masks
 
-RATIOS = (0.0, 0.3, 0.5, 0.77, 1.0)
+RATIOS = tuple(round(r, 2) for r in np.linspace(0, 1, 21))
 
 
 def tied_scores(seed: int) -> np.ndarray:
-    """[rows, T] scores from a handful of values (so the cut lands among ties), NaN at segment starts."""
+    """[rows, T] scores from a handful of values (so the cut lands among ties), NaN at segment starts. 0.5 and
+    the next float32 up share their high 16 bits: the radix select's second pass must tell them apart."""
     rng = np.random.default_rng(seed)
-    scores = rng.choice(np.array([-1.0, 0.0, -0.0, 0.5, 2.0], dtype=np.float32), size=(8, 10))
+    values = np.array([-1.0, 0.0, -0.0, 0.5, np.nextafter(np.float32(0.5), 1), 2.0], dtype=np.float32)
+    scores = rng.choice(values, size=(8, 10))
     scores[rng.random(scores.shape) < 0.15] = np.nan
     scores[:, 0] = np.nan
     return scores

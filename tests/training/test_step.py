@@ -80,7 +80,8 @@ def top_k(scores: np.ndarray, ratio: float) -> np.ndarray:
     return mask
 
 
-def naive_gradients(model, arrays: dict, selector: Selector) -> tuple[list[torch.Tensor], np.ndarray]:
+def naive_gradients(model, arrays: dict, selector: Selector, parts: int = 1):
+    """(gradients, mask, scores or None) of the naive computation; `parts` micro-batches for microbatch scope."""
     model.zero_grad()
     ids = torch.as_tensor(arrays["ids"])
     logits = model(
@@ -93,6 +94,7 @@ def naive_gradients(model, arrays: dict, selector: Selector) -> tuple[list[torch
     reference = arrays["reference"]
     scorable = ~np.isnan(reference)
     current = losses.detach().numpy()
+    scores = None
     if selector.mode == "clm":
         mask = scorable
     elif selector.mode == "static":
@@ -110,10 +112,13 @@ def naive_gradients(model, arrays: dict, selector: Selector) -> tuple[list[torch
             scores[~scorable] = np.nan
         if selector.scope == "sequence":
             mask = np.stack([top_k(row, selector.ratio) for row in scores])
-        else:  # one micro-batch, one rank: microbatch and global scope rank the same tokens
+        elif selector.scope == "microbatch":  # each micro-batch's rows ranked together
+            rows = np.array_split(np.arange(ROWS), parts)
+            mask = np.concatenate([top_k(scores[r].reshape(-1), selector.ratio).reshape(len(r), -1) for r in rows])
+        else:  # one rank: the whole step ranked together
             mask = top_k(scores.reshape(-1), selector.ratio).reshape(scores.shape)
     losses[torch.as_tensor(mask)].mean().backward()
-    return [p.grad.clone() for p in model.parameters()], mask
+    return [p.grad.clone() for p in model.parameters()], mask, scores
 
 
 SELECTORS = [
@@ -127,14 +132,21 @@ SELECTORS = [
 ]
 
 
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("selector", SELECTORS, ids=lambda s: f"{s.mode}-{s.scope}")
-def test_step_gradient_matches_naive_full_logits(model, arrays, selector):
-    expected, mask = naive_gradients(model, arrays, selector)
+def test_step_gradient_matches_naive_full_logits(model, arrays, selector, parts):
+    expected, mask, scores = naive_gradients(model, arrays, selector, parts)
     model.zero_grad()
-    stats = accumulate_gradients(model, batches(arrays, selector), selector, chunk_positions=7)
+    stats = accumulate_gradients(model, batches(arrays, selector, parts), selector, chunk_positions=7)
     sums = dict(zip(SUMS, stats.sums.tolist(), strict=True))
     assert sums["selected"] == int(mask.sum()) and sums["scorable"] == int((~np.isnan(arrays["reference"])).sum())
-    np.testing.assert_array_equal(stats.sample_mask.numpy(), mask)
+    assert sums["reference"] == pytest.approx(float(np.nansum(arrays["reference"], dtype=np.float64)), rel=1e-6)
+    first = len(np.array_split(np.arange(ROWS), parts)[0])  # W&B samples: the first micro-batch's
+    np.testing.assert_array_equal(stats.sample_mask.numpy(), mask[:first])
+    if scores is None:
+        assert stats.sample_scores is None
+    else:  # the histogram W&B shows: excess loss (rho1) or the draw (random), whatever the scope
+        np.testing.assert_allclose(stats.sample_scores.numpy(), scores[:first], rtol=1e-5, atol=1e-5)
     for ours, naive in zip([p.grad for p in model.parameters()], expected, strict=True):
         assert naive.abs().max() > 0
         torch.testing.assert_close(ours, naive, atol=2e-6, rtol=1e-4)
@@ -160,7 +172,7 @@ def test_each_selected_token_contributes_equally(model, arrays):
     model.zero_grad()
     accumulate_gradients(model, batches(arrays, selector, 2), selector)
     split_grads = [p.grad.clone() for p in model.parameters()]
-    expected, _ = naive_gradients(model, arrays, selector)
+    expected, _, _ = naive_gradients(model, arrays, selector)
     for ours, naive in zip(split_grads, expected, strict=True):
         torch.testing.assert_close(ours, naive, atol=2e-6, rtol=1e-4)
 
@@ -229,3 +241,27 @@ def test_checkpointed_tied_model_gradient_equals_documents_run_alone(tmp_path_fa
         assert scale > 0
         # bf16 autocast rounds every matmul's inputs to 8 bits of mantissa: ~1% of the gradient's scale.
         torch.testing.assert_close(ours, alone, atol=(3e-2 if bf16 else 1e-5) * scale, rtol=0)
+
+
+def test_gradient_sync_is_held_back_until_the_last_micro_batch(model, arrays):
+    """DDP's no_sync (FSDP's gradient-sync switch) covers every micro-batch's backward but the last, so the
+    ranks communicate once per step, after all the gradient is there."""
+    import contextlib
+
+    selector = Selector("clm")
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        events.append("hold")
+        yield
+        events.append("release")
+
+    hooks = [p.register_hook(lambda grad: events.append("backward") or grad) for p in [model.lm_head.weight]]
+    try:
+        model.zero_grad()
+        accumulate_gradients(model, batches(arrays, selector, 4), selector, no_sync=no_sync)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert events == ["hold", "backward", "release"] * 3 + ["backward"]
