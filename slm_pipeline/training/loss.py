@@ -16,9 +16,8 @@ import torch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_MH, weight_VH, targets_M, chunk_positions, logit_scale, softcap):
+    def forward(ctx, hidden_MH, weight_VH, targets_M, chunk_positions, logit_scale, softcap, needs_grad):
         losses_M = torch.empty(targets_M.shape[0], dtype=torch.float32, device=hidden_MH.device)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden_MH = torch.zeros_like(hidden_MH) if needs_grad else None
         grad_weight_VH = (
             torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if needs_grad else None
@@ -26,13 +25,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, targets_M.shape[0], chunk_positions):
             end = start + chunk_positions
             hidden_CH, targets_C = hidden_MH[start:end], targets_M[start:end]
-            raw_CV = (hidden_CH @ weight_VH.T).float() * (logit_scale or 1.0)
+            raw_CV = (hidden_CH @ weight_VH.T).float()
+            if logit_scale:
+                raw_CV *= logit_scale
             capped_CV = torch.tanh(raw_CV / softcap) * softcap if softcap else raw_CV
-            log_z_C = torch.logsumexp(capped_CV, dim=-1)
-            losses_M[start:end] = log_z_C - capped_CV.gather(1, targets_C[:, None])[:, 0]
+            log_probs_CV = torch.log_softmax(capped_CV, dim=-1)  # one fused pass over the [C, V] logits
+            losses_M[start:end] = -log_probs_CV.gather(1, targets_C[:, None])[:, 0]
             if needs_grad:
                 # d(sum of losses)/d(logits) = softmax − one-hot, then back through soft-capping and scale.
-                grad_CV = torch.exp(capped_CV - log_z_C[:, None])
+                grad_CV = log_probs_CV.exp_()
                 grad_CV[torch.arange(len(targets_C), device=grad_CV.device), targets_C] -= 1.0
                 if softcap:
                     grad_CV *= 1.0 - (capped_CV / softcap) ** 2
@@ -51,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden_MH, grad_weight_VH = ctx.saved_tensors
         grad_hidden = grad_hidden_MH * grad_sum.to(grad_hidden_MH.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad_weight_VH * grad_sum).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -60,6 +61,9 @@ def linear_cross_entropy(
     """(sum of cross-entropy over the M positions — differentiable, per-position losses — detached), fp32."""
     if getattr(lm_head, "bias", None) is not None:
         raise NotImplementedError("LM heads with a bias are not supported")
+    # Decided here: inside forward grad mode is always off, and under torch.no_grad the inputs still
+    # require grad — without this, a no-grad call would build (and drop) the full [V, H] gradients.
+    needs_grad = torch.is_grad_enabled() and (hidden_MH.requires_grad or lm_head.weight.requires_grad)
     return _LinearCrossEntropy.apply(
         hidden_MH,
         lm_head.weight,
@@ -67,4 +71,5 @@ def linear_cross_entropy(
         chunk_positions,
         getattr(config, "logit_scale", None),
         getattr(config, "final_logit_softcapping", None),
+        needs_grad,
     )
