@@ -1,105 +1,172 @@
-"""Benchmark one training step: ours (clm and rho1) against a plain Hugging Face step.
+"""Benchmark one optimizer step: `slm train`'s (clm and rho1) against a plain Hugging Face step.
 
-Plain: `model(ids, labels=ids).loss.backward()` with gradient checkpointing (full logits).
-Ours: `accumulate_gradients` as `slm train` runs it (chunked LM head + cross-entropy, the
-LM-head backward only over selected tokens), with activation checkpointing; rho1 keeps
-60% per row against a random reference loss. Packed rows of --doc-len-token documents.
+The model is built and transformed as `slm train` does it (training.trainer.build_model: fp32 master
+weights; parallelize: attention kernel check, activation checkpointing, the document-isolation
+probe), and shared by every path, with one AdamW (fused on GPU) and bf16 autocast on GPU.
 
-Reports tokens/s, peak memory and, on GPU, MFU: 3 × the forward FLOPs (2·(parameters −
-embeddings) + 2·layers·T·hidden per token; recomputation not counted) over the bf16 matmul
-rate measured in the same run. Needs only torch and transformers:
+- plain HF: `model(ids, position_ids=..., labels=ids).loss.backward()` (full [T, V] logits), clip, AdamW.
+- ours clm / rho1: `Trainer.train_step`'s numerics (bench/common.py slm_train_step): accumulate_gradients
+  (chunked LM head + cross-entropy, the head's backward over the selected positions only), clip, AdamW,
+  the step's one read-back. rho1 keeps 60% of each row (scope sequence) against a stored reference
+  loss (random, NaN at segment starts).
 
-    python bench/train.py --model tinyllama --lengths 8192 32768
-    python bench/train.py --model tiny --lengths 256 --device cpu      # CPU smoke run
+Every path gets the same packed rows (documents of --doc-len tokens, position ids restarting per
+document). Reports the median step time of --repeats round-robin calls (bench/common.py), tokens/s,
+peak memory and, on GPU, MFU: 3 × forward FLOPs per token (training.metrics.flops_per_token;
+recomputation not counted) × tokens/s over the bf16 matmul rate measured in the same run.
+
+    python bench/train.py --model tinyllama --lengths 8192 32768                     # GPU
+    python bench/train.py --model cpu-small --lengths 2048 4096 --device cpu --repeats 5 --clock cpu --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, measure_or_oom  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    build_optimizer,
+    machine,
+    measure_paths,
+    micro_batch,
+    model_shape,
+    packed_rows,
+    plain_hf_train_step,
+    profile_top_ops,
+    slm_train_step,
+)
 
-from slm_pipeline.scoring.loss import segment_position_ids  # noqa: E402
+from slm_pipeline.config import TrainConfig  # noqa: E402
 from slm_pipeline.training.metrics import flops_per_token, matmul_tflops  # noqa: E402
-from slm_pipeline.training.selection import MicroBatch, Selector  # noqa: E402
-from slm_pipeline.training.step import accumulate_gradients  # noqa: E402
+from slm_pipeline.training.selection import Selector  # noqa: E402
+from slm_pipeline.training.step import Collectives  # noqa: E402
+from slm_pipeline.training.trainer import build_model, parallelize  # noqa: E402
+
+PATHS = ("hf", "clm", "rho1")
+LABELS = {"hf": "plain HF", "clm": "ours clm", "rho1": "ours rho1 0.6"}
 
 
-def plain_hf_step(model, ids: torch.Tensor, segments: list[list[int]], bf16: bool) -> None:
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model(
-            input_ids=ids,
-            labels=ids,
-            position_ids=segment_position_ids(segments, ids.device),
-            attention_mask=None,
-            use_cache=False,
-        ).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def our_step(model, batch: MicroBatch, selector: Selector, bf16: bool, chunk_positions: int) -> None:
-    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        accumulate_gradients(model, [batch], selector, step=0, chunk_positions=chunk_positions)
-    model.zero_grad(set_to_none=True)
+def build_training_model(args, device: torch.device):
+    """(model, optimizer) as the Trainer builds them; the model is built directly on `device`."""
+    config = TrainConfig(
+        data="-",
+        model={"model_type": "llama", **model_shape(args.model, args.vocab)},
+        out="-",
+        steps=1,
+        rows_per_micro_batch=args.rows,
+        chunk_positions=args.chunk_positions,
+        activation_checkpointing=not args.no_checkpointing,
+        attn_implementation=args.attn,
+        bf16=args.bf16,
+    )
+    with torch.device(device):
+        model = build_model(config, {"vocab_size": config.model["vocab_size"]})
+    model, _ = parallelize(model, config, device, 1, torch.bfloat16 if args.bf16 else None)
+    model.train()
+    return model, build_optimizer(model, device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tinyllama")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tinyllama")
+    parser.add_argument("--vocab", type=int, help="replace the model's vocabulary size (e.g. 128256)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--rows", type=int, default=1, help="rows per micro-batch (one micro-batch per step)")
     parser.add_argument("--doc-len", type=int, default=2048)
     parser.add_argument("--chunk-positions", type=int, default=4096)
     parser.add_argument("--attn", default=None, help="default: flex_attention on GPU, sdpa on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="what a call's seconds are (common.py)"
+    )
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's choice)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--skip-hf-above", type=int, default=1 << 30, help="skip plain HF past this length")
+    parser.add_argument("--no-checkpointing", action="store_true", help="activation checkpointing off (all paths)")
+    parser.add_argument("--profile", action="store_true", help="then one step of each path under torch.profiler")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    device, bf16 = args.device, args.device == "cuda"
-    attn = args.attn or ("flex_attention" if device == "cuda" else "sdpa")
-    model = build_model(args.model, device, torch.float32, attn).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peak_tflops = matmul_tflops(device)
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(
-        f"# {card}, {args.model}, {attn}, bf16 autocast {bf16}, matmul {peak_tflops and f'{peak_tflops:.0f} TFLOP/s'}"
+    device = torch.device(args.device)
+    args.bf16 = device.type == "cuda"
+    args.attn = args.attn or ("flex_attention" if device.type == "cuda" else "sdpa")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, optimizer = build_training_model(args, device)
+    peak_tflops = matmul_tflops(device.type)
+    collectives = Collectives(device)
+    header = (
+        f"{machine(device.type)}; {args.model} (vocab {model.config.vocab_size}), {args.attn}, "
+        f"bf16 autocast {args.bf16}, activation checkpointing {not args.no_checkpointing}, "
+        f"{args.clock} clock, median of {args.repeats} round-robin repeats, chunk {args.chunk_positions}, "
+        f"{args.rows} row(s)/step, matmul {peak_tflops and f'{peak_tflops:.0f} TFLOP/s'}"
     )
-    print("| T | path | tokens/s | peak GiB | MFU |")
-    print("|---:|---|---:|---:|---:|")
+    print(f"# {header}")
+    print(f"| T | path | step s ({args.clock}) | min–max | tokens/s | vs plain HF | peak GiB | +GiB in step | MFU |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    results = []
     for length in args.lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-        pieces = [args.doc_len] * (length // args.doc_len) + ([length % args.doc_len] if length % args.doc_len else [])
-        batch = MicroBatch(
-            ids.cpu().numpy(),
-            [pieces],
-            np.array([0]),
-            reference_loss=np.random.default_rng(0).uniform(1, 8, (1, length)).astype(np.float32),
-        )
+        ids_BT, positions_BT = packed_rows(args.rows, length, args.doc_len, model.config.vocab_size, device)
+        batch = micro_batch(ids_BT, positions_BT)
+        step = partial(slm_train_step, model, optimizer, [batch], collectives=collectives, bf16=args.bf16)
         paths = {
-            "plain HF": partial(plain_hf_step, model, ids, [pieces], bf16),
-            "ours clm": partial(our_step, model, batch, Selector("clm"), bf16, args.chunk_positions),
-            "ours rho1 0.6": partial(our_step, model, batch, Selector("rho1", 0.6), bf16, args.chunk_positions),
+            "hf": partial(plain_hf_train_step, model, optimizer, ids_BT, positions_BT, args.bf16),
+            "clm": partial(step, selector=Selector("clm"), chunk_positions=args.chunk_positions),
+            "rho1": partial(step, selector=Selector("rho1", 0.6, "sequence"), chunk_positions=args.chunk_positions),
         }
-        for path, step in paths.items():
-            if (timing := measure_or_oom(step, device, args.repeats)) is None:
-                print(f"| {length} | {path} | OOM | | |")
+        paths = {name: fn for name, fn in paths.items() if name in args.paths}
+        if length > args.skip_hf_above:
+            paths.pop("hf", None)
+        timings = measure_paths(paths, device.type, args.repeats, args.clock)
+        tokens = args.rows * length
+        hf_seconds = timings["hf"].median if "hf" in timings and timings["hf"].seconds else None
+        for name, timing in timings.items():
+            if timing.error:
+                print(f"| {length} | {LABELS[name]} | {timing.error} | | | | | | |", flush=True)
+                results.append(dict(length=length, path=LABELS[name], error=timing.error))
                 continue
-            seconds, peak = timing
-            tokens_per_s = length / seconds
+            tokens_per_s = tokens / timing.median
             mfu = 3 * tokens_per_s * flops_per_token(model, length) / (peak_tflops * 1e12) if peak_tflops else None
-            peak_text = f"{peak:.1f}" if peak is not None else "n/a"
+            versus = hf_seconds / timing.median if hf_seconds else None
+            results.append(
+                dict(
+                    length=length,
+                    rows=args.rows,
+                    path=LABELS[name],
+                    step_s=timing.median,
+                    wall_s=timing.wall_seconds,
+                    cpu_s=timing.cpu_seconds,
+                    tokens_per_s=tokens_per_s,
+                    speed_vs_hf=versus,
+                    peak_gib=timing.peak_gib,
+                    above_gib=timing.above_gib,
+                    mfu=mfu,
+                )
+            )
             print(
-                f"| {length} | {path} | {tokens_per_s:,.0f} | {peak_text} | {f'{mfu:.0%}' if mfu else 'n/a'} |",
+                f"| {length} | {LABELS[name]} | {timing.median:.3f} | {timing.spread()} | {tokens_per_s:,.0f} | "
+                f"{f'{versus:.2f}×' if versus else ''} | {timing.peak_gib:.2f} | {timing.above_gib:.2f} | "
+                f"{f'{mfu:.0%}' if mfu is not None else 'n/a'} |",
                 flush=True,
             )
+        if args.json:  # after each length: a run stopped later keeps what it measured
+            args.json.write_text(
+                json.dumps({"machine": header, "matmul_tflops": peak_tflops, "results": results}, indent=2)
+            )
+        if args.profile:
+            for name, fn in paths.items():
+                print(
+                    f"\n## torch.profiler, T = {length}, {LABELS[name]}\n\n```\n{profile_top_ops(fn, device.type)}```"
+                )
 
 
 if __name__ == "__main__":
