@@ -99,6 +99,9 @@ def probe_document_isolation(
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
+    # At one row per batch the real work never batches rows (flash_attention_2 keeps documents apart only
+    # there), so the two rows then run one forward each; otherwise together, as the real batches do.
+    per_forward = 1 if rows == 1 else rows
     rows = max(rows, 2)
     first_length, second_length = 17, 24
     firsts = torch.randint(0, vocab, (rows, first_length), generator=generator)
@@ -111,7 +114,11 @@ def probe_document_isolation(
 
     def record(module, _inputs, output):
         tensor = output[0] if isinstance(output, tuple | list) else output
-        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[:2] == packed_BT.shape:
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.dim() >= 2
+            and tensor.shape[:2] == (per_forward, packed_BT.shape[1])
+        ):
             outputs.append((names.get(module, "?"), tensor[:, first_length:].detach().float()))
 
     was_training = model.training
@@ -123,10 +130,21 @@ def probe_document_isolation(
         ):
             handles = [module.register_forward_hook(record) for module in names]
             try:
-                packed_hidden = forward(packed_BT, positions_BT)[:, first_length:].float()
+                packed_hidden = torch.cat(
+                    [
+                        forward(packed_BT[start : start + per_forward], positions_BT[start : start + per_forward])
+                        for start in range(0, rows, per_forward)
+                    ]
+                )[:, first_length:].float()
             finally:
                 for handle in handles:
                     handle.remove()
+            if per_forward < rows:  # each forward recorded every module once: pair them up, in order
+                calls = len(outputs) // (rows // per_forward)
+                outputs = [
+                    (outputs[i][0], torch.cat([outputs[i + k * calls][1] for k in range(rows // per_forward)]))
+                    for i in range(calls)
+                ]
             outputs.append(("final hidden states", packed_hidden))
             alone_hidden = forward(second.to(device), torch.arange(second_length, device=device)[None]).float()
     finally:
