@@ -94,9 +94,13 @@ class Selector:
             return int(mb.row_scorable.sum())
         if self.mode == "static":
             return int(mb.row_stored.sum())
+        return sum(self._keep_counts(mb))
+
+    def _keep_counts(self, mb: MicroBatch) -> list[int]:
+        """rho1/random: tokens kept per selection group — each row (sequence scope), or the micro-batch."""
         if self.scope == "sequence":
-            return sum(policies.keep_count(self.ratio, int(n)) for n in mb.row_scorable)
-        return policies.keep_count(self.ratio, int(mb.row_scorable.sum()))
+            return [policies.keep_count(self.ratio, int(n)) for n in mb.row_scorable]
+        return [policies.keep_count(self.ratio, int(mb.row_scorable.sum()))]
 
     def step_count(self, micro_batches: list[MicroBatch], all_reduce_sum: Callable[[int], int]) -> int:
         """Tokens the whole step selects, over all ranks (each rank passes its micro-batches)."""
@@ -130,12 +134,9 @@ class Selector:
             return mb.scorable
         if self.mode == "static":
             return mb.stored_mask
-        if self.scope == "sequence":
-            keep = [policies.keep_count(self.ratio, int(n)) for n in mb.row_scorable]
-            return policies.top_k_rows(scores_BT, torch.tensor(keep, device=scores_BT.device))
-        keep = policies.keep_count(self.ratio, int(mb.row_scorable.sum()))
-        flat = policies.top_k_rows(scores_BT.reshape(1, -1), torch.tensor([keep], device=scores_BT.device))
-        return flat.reshape(scores_BT.shape)
+        keep = torch.tensor(self._keep_counts(mb), device=scores_BT.device)
+        groups = scores_BT if self.scope == "sequence" else scores_BT.reshape(1, -1)
+        return policies.top_k_rows(groups, keep).reshape(scores_BT.shape)
 
 
 def global_masks(
