@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, build_model, machine, measure_paths, packed_rows, profile_top_ops  # noqa: E402
 
+from slm_pipeline.attention import KERNEL  # noqa: E402
 from slm_pipeline.scoring.loss import per_token_loss  # noqa: E402
 from slm_pipeline.training.metrics import flops_per_token, matmul_tflops  # noqa: E402
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-batch", type=int, default=65536, help="rows per batch = this // length (≥ 1)")
     parser.add_argument("--doc-len", type=int, default=2048, help="tokens per packed document")
     parser.add_argument("--chunk-positions", type=int, default=4096)
-    parser.add_argument("--attn", default=None, help="attention implementation (default: flex_attention on GPU, sdpa)")
+    parser.add_argument("--attn", default=None, help="attention implementation (default: document_sdpa, slm's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -62,7 +63,7 @@ def main() -> None:
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    attn = args.attn or ("flex_attention" if device == "cuda" else "sdpa")
+    attn = args.attn or KERNEL
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

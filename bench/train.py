@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     slm_train_step,
 )
 
+from slm_pipeline.attention import KERNEL  # noqa: E402
 from slm_pipeline.config import TrainConfig  # noqa: E402
 from slm_pipeline.training.metrics import flops_per_token, matmul_tflops  # noqa: E402
 from slm_pipeline.training.selection import Selector  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows per micro-batch (one micro-batch per step)")
     parser.add_argument("--doc-len", type=int, default=2048)
     parser.add_argument("--chunk-positions", type=int, default=4096)
-    parser.add_argument("--attn", default=None, help="default: flex_attention on GPU, sdpa on CPU")
+    parser.add_argument("--attn", default=None, help="default: document_sdpa (slm's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -97,7 +98,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     args.bf16 = device.type == "cuda"
-    args.attn = args.attn or ("flex_attention" if device.type == "cuda" else "sdpa")
+    args.attn = args.attn or KERNEL
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -72,8 +72,8 @@ class ScoreConfig:
     chunk_positions: int = 4096
     """Positions per LM-head chunk: bounds the fp32 logits held at once."""
     attn_implementation: str | None = None
-    """transformers' attention (sdpa, eager, flex_attention...). sdpa builds a dense [T, T] document
-    mask per row; for long rows on GPU, flex_attention keeps it sparse."""
+    """transformers' attention; default document_sdpa (fused causal SDPA per document, O(T) memory). sdpa
+    and eager build a dense [T, T] document mask per row."""
     document_isolation: str = "packed"
     """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
     model whose layers would let documents meet) or `per_document` (each document runs alone: correct for any
@@ -271,10 +271,20 @@ class TrainConfig:
     """Positions per LM-head chunk."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in backward: long rows for less memory, ~30% more compute."""
+    activation_offload: bool = False
+    """With activation_checkpointing: each checkpointed layer's input waits in pinned host memory until
+    its backward (frees layers × T × hidden of device memory; costs two copies per layer)."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over tiles of hidden_size positions (forward and recompute), so its
+    intermediate activations are bounded by the tile, not the row."""
+    sequence_parallel: int = 1
+    """Split each row across this many workers (Ulysses); workers = sequence_parallel × data-parallel
+    replicas. Needs attention heads and the row length divisible by it."""
     bf16: bool | None = None
     """bf16 autocast; default on GPU, off on CPU."""
     attn_implementation: str | None = None
-    """transformers' attention: sdpa, eager, flex_attention (GPU only for training), flash_attention_2
+    """transformers' attention; default document_sdpa (fused causal SDPA per document, O(T) memory). Also
+    sdpa, eager (dense [T, T] document masks), flex_attention (GPU only for training), flash_attention_2
     (rows_per_micro_batch: 1 only). A kernel that would drop document masking is refused."""
     document_isolation: str = "packed"
     """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
@@ -317,7 +327,30 @@ class TrainConfig:
             raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
         if self.fsdp and self.workers < 1:
             raise SlmError("fsdp shards the model across Ray Train workers: set workers to 1 or more")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise SlmError(
+                "activation_offload keeps the inputs of checkpointed layers in host memory: "
+                "set activation_checkpointing: true"
+            )
+        self._check_sequence_parallel()
         check_document_isolation(self.document_isolation, "document_isolation")
+
+    def _check_sequence_parallel(self) -> None:
+        if self.sequence_parallel < 1:
+            raise SlmError(f"sequence_parallel must be at least 1, got {self.sequence_parallel}")
+        if self.sequence_parallel == 1:
+            return
+        from slm_pipeline.attention import KERNEL
+
+        if self.workers < self.sequence_parallel or self.workers % self.sequence_parallel:
+            raise SlmError(
+                f"sequence_parallel {self.sequence_parallel} does not divide workers {self.workers}: "
+                "workers = sequence_parallel × data-parallel replicas"
+            )
+        if (self.attn_implementation or KERNEL) != KERNEL:
+            raise SlmError(f"sequence_parallel needs attn_implementation {KERNEL}, got {self.attn_implementation}")
+        if self.document_isolation != "packed":
+            raise SlmError("sequence_parallel splits packed rows: it needs document_isolation: packed")
 
 
 def check_document_isolation(value: str, key: str) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slm_pipeline import attention
 from slm_pipeline.errors import SlmError
 
 _PER_DOCUMENT = "_slm_runs_documents_alone"
@@ -39,11 +40,14 @@ _PER_DOCUMENT = "_slm_runs_documents_alone"
 
 def load_causal_lm(source: str, dtype: torch.dtype, attn_implementation: str | None = None, **kwargs):
     """An HF causal LM from a local directory, in `dtype` (never the checkpoint's own: a bf16 checkpoint
-    trained as bf16 loses every update below half a bf16 step), remote code off unless asked."""
+    trained as bf16 loses every update below half a bf16 step), remote code off unless asked, attention
+    by `document_sdpa` unless another kernel is asked for."""
     from transformers import AutoModelForCausalLM
 
     kwargs.setdefault("trust_remote_code", False)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation or attention.KERNEL, **kwargs
+    )
 
 
 def check_attention_kernel(
@@ -51,7 +55,7 @@ def check_attention_kernel(
 ) -> None:
     """Refuse, before any work, an attention kernel that would drop document masking (or cannot run) here.
     `device`: where the model will run (None: not known yet, e.g. in the driver of `slm score`)."""
-    kernel = attn_implementation or "sdpa"
+    kernel = attn_implementation or attention.KERNEL
     if "flash" in kernel and rows_per_batch > 1:
         raise SlmError(
             f"attn_implementation {kernel}: transformers keeps packed documents apart with it only at one row "

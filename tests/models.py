@@ -13,7 +13,7 @@ def tiny_llama(vocab_size: int = 4096, max_positions: int = 1024, seed: int = 0,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -21,8 +21,9 @@ def tiny_llama(vocab_size: int = 4096, max_positions: int = 1024, seed: int = 0,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
-        **{"tie_word_embeddings": False, **overrides},
+        tie_word_embeddings=False,
     )
+    config = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(config)
 
 

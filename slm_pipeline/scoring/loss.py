@@ -8,6 +8,7 @@ Shapes: B rows, T positions, H hidden size, V vocabulary, N = B·T flattened pos
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from functools import partial
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from slm_pipeline.attention import documents_are_set, packed_documents
 from slm_pipeline.modeling import per_document_hidden_states, runs_documents_alone
 
 DEFAULT_CHUNK_POSITIONS = 4096
@@ -51,6 +53,14 @@ def final_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torc
 
 
 def _packed_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    # document_sdpa reads the rows' documents once here, unless the caller already set them (the trainer
+    # does, for the backward's recompute and for sequence parallelism).
+    documents = contextlib.nullcontext() if documents_are_set() else packed_documents(position_ids_BT)
+    with documents:
+        return _forward_hidden_states(model, input_ids_BT, position_ids_BT)
+
+
+def _forward_hidden_states(model, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
     if isinstance(model, FSDPModule | DistributedDataParallel):
         # A wrapper does its work in the root's own forward (FSDP2 gathers the embeddings, final norm and
         # LM head there; DDP readies its gradient all-reduce), so go through it: one position's logits,

@@ -13,22 +13,29 @@ the step's sums stay on the device; the host waits on the device twice a step: f
 step's selected count (a collective, before any forward) and for the step's sums (after
 the optimizer; the trainer). Global scope adds one: the per-micro-batch counts of its cut.
 
-Shapes: B rows, T positions, H hidden, M = B·(T−1) positions that predict a token, K the
-selected ones. Token space (index i = token i) for masks and losses; position space
-(index i predicts token i + 1) for hidden states.
+Under sequence parallelism a rank runs a window of each row's positions (training/
+sequence_parallel.py); selection still sees whole rows (rho1's current losses are gathered
+from the sequence group), and each rank backpropagates and sums the positions of its window.
+Without it the window is the whole row.
+
+Shapes: B rows, T positions, t of them in this rank's window, H hidden, M = B·t positions,
+K the selected ones. Token space (index i = token i) for masks, scores and losses of whole
+rows; position space (index p predicts token p + 1) for hidden states and what they predict.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from slm_pipeline.attention import packed_documents
 from slm_pipeline.scoring.loss import final_hidden_states
 from slm_pipeline.training.loss import linear_cross_entropy
 from slm_pipeline.training.selection import MicroBatch, Selector, global_masks
+from slm_pipeline.training.sequence_parallel import SequenceParallel
 
 SUMS = ("selected", "scorable", "loss_selected", "loss_all", "reference")
 """The step's sums, in the order of `StepStats.sums`; they merge across ranks by addition."""
@@ -36,20 +43,38 @@ SUMS = ("selected", "scorable", "loss_selected", "loss_all", "reference")
 
 @dataclass
 class Collectives:
-    """Sums over the ranks, on the process group's device (NCCL has no CPU backend); no-ops in one process."""
+    """Sums over ranks, on the process group's device (NCCL has no CPU backend); no-ops in one process.
+
+    Selection sums over the data-parallel ranks (`group`: each holds other rows; the ranks of a
+    sequence group hold the same ones), the step's sums over every rank (each holds other positions)."""
 
     device: torch.device
     rank: int = 0
+    """Among the data-parallel ranks."""
     world_size: int = 1
+    """Data-parallel ranks."""
+    group: torch.distributed.ProcessGroup | None = None
+    """The data-parallel ranks (None: every rank)."""
+    sequence: SequenceParallel = field(default_factory=SequenceParallel)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tensor)
+        """Sum over the data-parallel ranks, in place."""
+        if _distributed():
+            torch.distributed.all_reduce(tensor, group=self.group)
         return tensor
 
     def sum_int(self, value: int) -> int:
-        """One host value summed over the ranks (a device sync)."""
+        """One host value summed over the data-parallel ranks (a device sync)."""
         return int(self.all_reduce(torch.tensor([value], dtype=torch.int64, device=self.device)).item())
+
+    def sum_over_every_rank(self, tensor: torch.Tensor) -> torch.Tensor:
+        if _distributed():
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 @dataclass
@@ -84,65 +109,96 @@ def accumulate_gradients(
     head, config = _lm_head(model)
     device = head.weight.device
     collectives = collectives or Collectives(device)
+    sequence = collectives.sequence
     selected_in_step = selector.step_count(micro_batches, collectives.sum_int)
     stats = StepStats(torch.zeros(len(SUMS), dtype=torch.float64, device=device), selected_in_step)
     if selected_in_step == 0:  # nothing to learn from: no backward (every rank agrees), the losses still reported
         for mb in micro_batches:
-            current = _current_loss(model, mb, head, config, chunk_positions)
-            stats.sums += _sums(mb, 0, torch.zeros((), device=device), current.nan_to_num(0.0).sum())
+            current_BT = _current_loss(model, mb, head, config, chunk_positions, sequence)
+            stats.sums += _sums(mb, sequence, 0, torch.zeros((), device=device), _window_sum(current_BT, sequence))
         return stats
 
     masks: list[torch.Tensor | None] = [None] * len(micro_batches)
     current: list[torch.Tensor | None] = [None] * len(micro_batches)
     scores: list[torch.Tensor | None] = [None] * len(micro_batches)
+    counts: list[int | None] = [None] * len(micro_batches)
     if selector.ranks_whole_step:  # the cut needs every score of the step first
         if selector.needs_current_loss:
-            current = [_current_loss(model, mb, head, config, chunk_positions) for mb in micro_batches]
+            current = [_current_loss(model, mb, head, config, chunk_positions, sequence) for mb in micro_batches]
         scores = [selector.scores(mb, loss) for mb, loss in zip(micro_batches, current, strict=True)]
         masks = global_masks(scores, selected_in_step, collectives.all_reduce, collectives.rank, collectives.world_size)
-        counts = torch.stack([mask.sum() for mask in masks]).tolist()  # host sync: gathering needs the counts
-    else:
+        counts = torch.stack([_predicted(mask, sequence, False).sum() for mask in masks]).tolist()  # host sync
+    elif sequence.size == 1:  # the window is the whole row: its count is known on the host
         counts = [selector.micro_batch_count(mb) for mb in micro_batches]
 
     for index, mb in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else no_sync():
-            hidden_BTH = final_hidden_states(model, mb.input_ids, mb.position_ids)
-            hidden_MH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
-            targets_M = mb.input_ids[:, 1:].reshape(-1)
+        window = sequence.window(mb.input_ids.shape[1])
+        # The documents stay set through the backward: checkpointing recomputes attention there.
+        with contextlib.nullcontext() if last else no_sync(), packed_documents(mb.position_ids, sequence):
+            hidden_BtH = final_hidden_states(model, mb.input_ids[:, window], mb.position_ids[:, window])
+            hidden_MH = hidden_BtH.reshape(-1, hidden_BtH.shape[-1])
+            targets_M = _predicted(mb.input_ids, sequence, 0).reshape(-1)
             if selector.needs_current_loss and current[index] is None:
-                current[index] = _token_space(_position_losses(hidden_MH, head, targets_M, config, chunk_positions), mb)
+                current[index] = _token_space(
+                    _position_losses(hidden_MH, head, targets_M, config, chunk_positions), mb, sequence
+                )
             if masks[index] is None:
                 scores[index] = selector.scores(mb, current[index]) if selector.mode in ("rho1", "random") else None
                 masks[index] = selector.mask(mb, scores[index])
+            mask_M = _predicted(masks[index], sequence, False).reshape(-1)
+            if counts[index] is None:
+                counts[index] = int(mask_M.sum())  # host sync (sequence parallel: the window's share)
             # Selected positions first (in order), then the rest: a gather with no host round trip.
-            order_M = torch.argsort((~masks[index][:, 1:].reshape(-1)).to(torch.int8), stable=True)
+            order_M = torch.argsort((~mask_M).to(torch.int8), stable=True)
             selected_K, rest = order_M[: counts[index]], order_M[counts[index] :]
             loss_sum, _ = linear_cross_entropy(
                 hidden_MH[selected_K], head, targets_M[selected_K], config, chunk_positions
             )
             (loss_sum * (gradient_multiplier / selected_in_step)).backward()
 
-        loss_all = _loss_all(mb, current[index], loss_sum, hidden_MH, head, targets_M, rest, config, chunk_positions)
-        stats.sums += _sums(mb, counts[index], loss_sum.detach(), loss_all)
+        loss_all = (
+            _window_sum(current[index], sequence)
+            if current[index] is not None
+            else _loss_all(mb, sequence, loss_sum, hidden_MH, head, targets_M, rest, config, chunk_positions)
+        )
+        stats.sums += _sums(mb, sequence, counts[index], loss_sum.detach(), loss_all)
         if index == 0:
             stats.sample_ids, stats.sample_mask = mb.input_ids, masks[index]
             stats.sample_scores = scores[index]
     return stats
 
 
-def _sums(mb: MicroBatch, selected: int, loss_selected: torch.Tensor, loss_all: torch.Tensor) -> torch.Tensor:
-    """One micro-batch's contribution to the step's sums, in the order of SUMS."""
+def _sums(
+    mb: MicroBatch, sequence: SequenceParallel, selected: int, loss_selected: torch.Tensor, loss_all: torch.Tensor
+) -> torch.Tensor:
+    """This rank's contribution to the step's sums from one micro-batch (its window), in the order of SUMS."""
     device = loss_all.device
-    reference = mb.reference_loss.where(mb.scorable, 0.0).sum() if mb.reference_loss is not None else None
-    counts = torch.tensor([selected, int(mb.row_scorable.sum())], dtype=torch.float64, device=device)
-    losses = [loss_selected, loss_all, reference if reference is not None else torch.zeros((), device=device)]
-    return torch.cat([counts, torch.stack([loss.double() for loss in losses])])
+    scorable = _predicted(mb.scorable, sequence, False).sum()
+    reference = (
+        _window_sum(mb.reference_loss.where(mb.scorable, torch.nan), sequence)
+        if mb.reference_loss is not None
+        else torch.zeros((), device=device)
+    )
+    counts = torch.stack([torch.tensor(selected, device=device), scorable]).double()
+    return torch.cat([counts, torch.stack([loss.double() for loss in (loss_selected, loss_all, reference)])])
 
 
 def _lm_head(model) -> tuple[torch.nn.Module, object]:
     inner = getattr(model, "module", model)  # DDP keeps the HF model in .module; FSDP2 changes it in place
     return inner.get_output_embeddings(), inner.config
+
+
+def _predicted(token_BT: torch.Tensor, sequence: SequenceParallel, fill) -> torch.Tensor:
+    """Token space [B, T] → what this rank's positions predict, [B, t]: position p gets token p + 1; the row's
+    last position predicts nothing (`fill`)."""
+    shifted_BT = torch.cat([token_BT[:, 1:], torch.full_like(token_BT[:, :1], fill)], dim=1)
+    return shifted_BT[:, sequence.window(token_BT.shape[1])]
+
+
+def _window_sum(losses_BT: torch.Tensor, sequence: SequenceParallel) -> torch.Tensor:
+    """Sum of token-space losses (NaN: unscorable) over the tokens this rank's positions predict."""
+    return _predicted(losses_BT, sequence, torch.nan).nan_to_num(0.0).sum()
 
 
 def _position_losses(hidden_MH, head, targets_M, config, chunk_positions: int) -> torch.Tensor:
@@ -151,29 +207,30 @@ def _position_losses(hidden_MH, head, targets_M, config, chunk_positions: int) -
         return linear_cross_entropy(hidden_MH.detach(), head, targets_M, config, chunk_positions)[1]
 
 
-def _current_loss(model, mb: MicroBatch, head, config, chunk_positions: int) -> torch.Tensor:
-    """[B, T] the model's current loss of every token, NaN where unscorable (a forward without gradient)."""
-    with torch.no_grad():
-        hidden_BTH = final_hidden_states(model, mb.input_ids, mb.position_ids)
-        hidden_MH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
-        return _token_space(
-            _position_losses(hidden_MH, head, mb.input_ids[:, 1:].reshape(-1), config, chunk_positions), mb
-        )
+def _current_loss(model, mb: MicroBatch, head, config, chunk_positions: int, sequence: SequenceParallel):
+    """[B, T] the model's current loss of every token of the whole rows, NaN where unscorable (a forward
+    without gradient)."""
+    window = sequence.window(mb.input_ids.shape[1])
+    with torch.no_grad(), packed_documents(mb.position_ids, sequence):
+        hidden_BtH = final_hidden_states(model, mb.input_ids[:, window], mb.position_ids[:, window])
+        hidden_MH = hidden_BtH.reshape(-1, hidden_BtH.shape[-1])
+        targets_M = _predicted(mb.input_ids, sequence, 0).reshape(-1)
+        return _token_space(_position_losses(hidden_MH, head, targets_M, config, chunk_positions), mb, sequence)
 
 
-def _loss_all(mb, current_BT, loss_sum, hidden_MH, head, targets_M, rest, config, chunk_positions) -> torch.Tensor:
-    """Sum of the current loss over every scorable token: known for rho1, the selected sum for clm (it
-    selects every scorable token), and for the others the selected sum plus the rest's, without gradient."""
-    if current_BT is not None:
-        return current_BT.nan_to_num(0.0).sum()
+def _loss_all(mb, sequence, loss_sum, hidden_MH, head, targets_M, rest, config, chunk_positions) -> torch.Tensor:
+    """Sum of the current loss over the window's scorable tokens when only the selected ones are known: the
+    selected sum (all of it for clm, which selects every scorable token) plus the rest's, without gradient."""
     rest_losses = _position_losses(hidden_MH[rest], head, targets_M[rest], config, chunk_positions)
-    scorable_rest = mb.scorable[:, 1:].reshape(-1)[rest]
+    scorable_rest = _predicted(mb.scorable, sequence, False).reshape(-1)[rest]
     return loss_sum.detach() + rest_losses.where(scorable_rest, 0.0).sum()
 
 
-def _token_space(losses_M: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    """Per-position losses [B·(T−1)] → [B, T] float32 per token, NaN where unscorable."""
+def _token_space(losses_M: torch.Tensor, mb: MicroBatch, sequence: SequenceParallel) -> torch.Tensor:
+    """This rank's per-position losses [B·t] → [B, T] float32 per token of the whole rows (gathered from the
+    sequence group), NaN where unscorable."""
     rows, length = mb.input_ids.shape
+    positions_BT = sequence.gather_rows(losses_M.float().view(rows, -1))
     out = torch.full((rows, length), torch.nan, dtype=torch.float32, device=losses_M.device)
-    out[:, 1:] = losses_M.float().view(rows, length - 1)
+    out[:, 1:] = positions_BT[:, :-1]
     return out.where(mb.scorable, torch.nan)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
+from slm_pipeline import attention
 from slm_pipeline.config import TrainConfig
 from slm_pipeline.data.shards import check_vocabulary, read_dataset_manifest, write_json
 from slm_pipeline.errors import SlmError
@@ -40,9 +41,16 @@ from slm_pipeline.training.checkpoint import (
     training_state,
 )
 from slm_pipeline.training.data import StepSchedule, TrainingRows
+from slm_pipeline.training.memory import enable_checkpointing, tile_mlps
 from slm_pipeline.training.metrics import MetricsLogger, flops_per_token, matmul_tflops, truncate_metrics
 from slm_pipeline.training.prefetch import StepPrefetcher
 from slm_pipeline.training.selection import MicroBatch, Selector
+from slm_pipeline.training.sequence_parallel import (
+    SequenceParallel,
+    check_layout,
+    rank_grid,
+    require_sequence_parallel,
+)
 from slm_pipeline.training.step import SUMS, Collectives, accumulate_gradients
 
 
@@ -50,33 +58,49 @@ def build_model(config: TrainConfig, dataset_manifest: dict):
     """An HF causal LM in fp32 (the master weights; compute runs under bf16 autocast), from a directory
     or, seeded, from an architecture dict. A bf16 checkpoint is upcast: AdamW on bf16 weights loses every
     update below half a bf16 step (1.0 + 1e-3 rounds back to 1.0)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    hf_config = model_config(config, dataset_manifest)
+    if isinstance(config.model, dict):
+        hf_config._attn_implementation = config.attn_implementation or attention.KERNEL
+        torch.manual_seed(config.seed)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return load_causal_lm(config.model, torch.float32, config.attn_implementation, config=hf_config)
+
+
+def model_config(config: TrainConfig, dataset_manifest: dict):
+    """The model's HF config with `model_overrides` (read without the weights)."""
+    from transformers import AutoConfig
 
     if isinstance(config.model, dict):
         fields = {"vocab_size": dataset_manifest["vocab_size"], **config.model}
         model_type = fields.pop("model_type", None)
         if model_type is None:
             raise SlmError("model: an architecture config needs `model_type` (e.g. llama)")
-        model_config = apply_model_overrides(AutoConfig.for_model(model_type, **fields), config.model_overrides)
-        if config.attn_implementation:
-            model_config._attn_implementation = config.attn_implementation
-        torch.manual_seed(config.seed)
-        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    model_config = apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)
-    return load_causal_lm(config.model, torch.float32, config.attn_implementation, config=model_config)
+        return apply_model_overrides(AutoConfig.for_model(model_type, **fields), config.model_overrides)
+    if not (Path(config.model) / "config.json").exists():
+        raise SlmError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
+    return apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)
 
 
-def parallelize(model, config: TrainConfig, device: torch.device, world_size: int, autocast_dtype):
-    """The model's transformations, in this order: attention kernel → activation checkpointing → documents
-    kept apart → FSDP2 or DDP. Returns (the model, what runs the training forward: the model itself, or
-    its DDP wrapper); FSDP2 changes the model in place."""
+def parallelize(
+    model,
+    config: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    autocast_dtype,
+    sequence: SequenceParallel = SequenceParallel(),  # noqa: B008 (frozen: one shared "whole rows" value)
+):
+    """The model's transformations, in this order: attention kernel → tiled MLP → activation checkpointing
+    (and offload) → FSDP2 or the device → documents kept apart, rows split (both probed) → DDP. Sequence
+    parallelism changes no module: the attention kernel exchanges heads when the step runs split rows.
+    Returns (the model, what runs the training forward: the model itself, or its DDP wrapper); FSDP2
+    changes the model in place."""
     check_attention_kernel(config.attn_implementation, config.rows_per_micro_batch, device, "rows_per_micro_batch")
+    if config.tiled_mlp:
+        tile_mlps(model, decoder_layers(model, "tiled_mlp"))
     if config.activation_checkpointing:
-        non_reentrant = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        enable_checkpointing(model, offload=config.activation_offload)
     if config.fsdp and world_size > 1:
         model = shard_model(model, device, world_size)
     else:
@@ -84,6 +108,8 @@ def parallelize(model, config: TrainConfig, device: torch.device, world_size: in
     # After sharding (its forward is the one that runs) and before DDP (which wants every forward to
     # end in a backward); all ranks probe alike.
     require_document_isolation(model, config.rows_per_micro_batch, autocast_dtype, config.document_isolation)
+    if sequence.size > 1:
+        require_sequence_parallel(model, sequence, autocast_dtype)
     if config.fsdp and world_size > 1:
         model.reshard()  # the root unit stays gathered after a forward: the optimizer must see the shards
     if world_size > 1 and not config.fsdp:
@@ -91,6 +117,15 @@ def parallelize(model, config: TrainConfig, device: torch.device, world_size: in
 
         return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, model
+
+
+def decoder_layers(model, key: str) -> list[torch.nn.Module]:
+    """The model's decoder layers (the classes it names in `_no_split_modules`)."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise SlmError(f"{key}: {type(model).__name__} names no decoder layer class (_no_split_modules)")
+    return layers
 
 
 def apply_model_overrides(model_config, overrides: dict):
@@ -113,12 +148,8 @@ def shard_model(model, device: torch.device, world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise SlmError(f"fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
     mesh = init_device_mesh(device.type, (world_size,))
-    for layer in layers:
+    for layer in decoder_layers(model, "fsdp"):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
@@ -128,17 +159,12 @@ def shard_model(model, device: torch.device, world_size: int):
     return model
 
 
-def check_model_vocabulary(config: TrainConfig, dataset_manifest: dict) -> None:
-    """Read the model's config (not its weights) and refuse a vocabulary smaller than the dataset's."""
-    if isinstance(config.model, dict):
-        vocab = config.model.get("vocab_size", dataset_manifest["vocab_size"])
-    else:
-        from transformers import AutoConfig
-
-        if not (Path(config.model) / "config.json").exists():
-            raise SlmError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
-        vocab = AutoConfig.from_pretrained(config.model).vocab_size
-    check_vocabulary("model", vocab, dataset_manifest)
+def check_model(config: TrainConfig, dataset_manifest: dict) -> None:
+    """Refuse, from the model's config alone, a vocabulary smaller than the dataset's and a sequence-parallel
+    split its heads or the rows cannot take."""
+    text_config = model_config(config, dataset_manifest).get_text_config()
+    check_vocabulary("model", text_config.vocab_size, dataset_manifest)
+    check_layout(config.sequence_parallel, text_config.num_attention_heads, dataset_manifest["seq_len"])
 
 
 def check_sidecars(config: TrainConfig, dataset: Path, dataset_manifest: dict) -> None:
@@ -204,9 +230,12 @@ class Trainer:
             self.flops_per_token = flops_per_token(model, manifest["seq_len"])
             self.peak_tflops = matmul_tflops("cuda")
         autocast_dtype = torch.bfloat16 if self.bf16 else None
-        self.model, self.parallel_model = parallelize(model, config, self.device, world_size, autocast_dtype)
+        grid = rank_grid(rank, world_size, config.sequence_parallel, self.device)
+        self.model, self.parallel_model = parallelize(
+            model, config, self.device, world_size, autocast_dtype, grid.sequence
+        )
         self.model.train()
-        self.collectives = Collectives(self.device, rank, world_size)
+        self.collectives = Collectives(self.device, grid.data_rank, grid.data_world, grid.data_group, grid.sequence)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -224,8 +253,9 @@ class Trainer:
             config.heldout_rows,
             config.seed if config.heldout_seed is None else config.heldout_seed,
         )
+        # The ranks of a sequence group read the same rows: the schedule deals rows to data-parallel ranks.
         self.schedule = StepSchedule(
-            self.rows.train, config.rows_per_micro_batch, config.accumulation, world_size, config.seed
+            self.rows.train, config.rows_per_micro_batch, config.accumulation, grid.data_world, config.seed
         )
         self.selector = Selector(config.mode, config.ratio, config.scope, config.seed)
         if rank == 0:  # `slm eval RUN DATASET` evaluates on exactly the rows this run never trained on
@@ -270,7 +300,7 @@ class Trainer:
 
     def load_step(self, step: int) -> list[MicroBatch]:
         """This rank's micro-batches of `step`, on the host (a background thread runs it one step ahead)."""
-        micro_batches = self.rows.micro_batches(self.schedule.rank_micro_batches(step, self.rank))
+        micro_batches = self.rows.micro_batches(self.schedule.rank_micro_batches(step, self.collectives.rank))
         return [self.selector.draw_random_scores(mb, step) for mb in micro_batches]
 
     def train_step(self, step: int) -> dict:
@@ -297,7 +327,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         # The step's one wait for the device: every rank's sums, and the gradient norm.
-        totals = self.collectives.all_reduce(stats.sums)
+        totals = self.collectives.sum_over_every_rank(stats.sums)
         values = torch.cat([totals, grad_norm.detach().double().reshape(1)]).tolist()
         sums, grad_norm = dict(zip(SUMS, values[:-1], strict=True)), values[-1]
         seconds = time.perf_counter() - started
@@ -434,7 +464,7 @@ def train(config: TrainConfig) -> dict:
     )
     manifest = read_dataset_manifest(Path(config.data))
     check_sidecars(config, Path(config.data), manifest)
-    check_model_vocabulary(config, manifest)
+    check_model(config, manifest)
     if config.workers == 0:
         check_attention_kernel(
             config.attn_implementation, config.rows_per_micro_batch, _local_device(), "rows_per_micro_batch"
