@@ -16,13 +16,18 @@ in time is reported as skipped. Steps:
 
 env  versions, the GPU, which optional packages are importable (never imported).
 a    5 optimizer steps of rho1 / scope global, bf16 autocast, from a bf16 checkpoint (a small Llama the
-     script saves), flex_attention, activation checkpointing, in torch.distributed initialised with NCCL
+     script saves), document_sdpa, tiled MLP, activation checkpointing with offload, in torch.distributed
+     initialised with NCCL
      at world size 1 (every collective must then run on the device). Checks: losses finite and falling,
      weights fp32, norm weights moved.
-b    document masking on the GPU, per attention kernel (sdpa, eager, flex_attention, flash_attention_2 if
+b    document masking on the GPU, per attention kernel (document_sdpa, sdpa, eager, flex_attention,
+     flash_attention_2 if
      importable): check_attention_kernel at 1 row and at 2 (flash must be refused there), then
      probe_document_isolation with and without bf16 autocast. The tiny Qwen3.5 hybrid (tests/models.py):
      packed (a leak expected unless the fla kernels are installed) and per_document (none expected).
+d    long rows (bench/longctx.py), TinyLlama-1.1B's shape: the longest T (doubling from 256k) that trains a
+     step with document_sdpa + tiled MLP + checkpointing with offload; tokens/s and peak memory at 32k and
+     128k against plain HF (sdpa's dense mask, checkpointing). Sequence parallelism needs ≥ 2 GPUs.
 c    bench/score.py and bench/train.py at TinyLlama-1.1B's shape, T = 8k and 32k, vocabulary 32k and 128k,
      beside plain Hugging Face: tokens/s, peak memory, MFU; the goals checked at the end.
 """
@@ -81,7 +86,18 @@ def bench_commands(smoke: bool) -> dict[str, list[str]]:
     else:
         common = ["--model", "tinyllama", "--lengths", "8192", "32768", "--repeats", "2"]
         vocabs, score_batch = (32000, 128256), ["--tokens-per-batch", "65536"]
-    commands = {}
+    longctx = ["bench/gpu_check.py", "--run", "bench/longctx.py", "--what", "train"]
+    commands = {
+        "d-longctx-longest": [*longctx, *(["--model", "tiny", "--search", "1024", "--search-limit", "4096",
+                                          "--device", "cpu", "--doc-len", "256"] if smoke else
+                                         ["--model", "tinyllama", "--search", "262144"]),
+                              "--configs", "ours+tiled+offload"],
+        "d-longctx-speed": [*longctx, *(["--model", "tiny", "--lengths", "512", "1024", "--device", "cpu",
+                                        "--doc-len", "256", "--skip-plain-above", "1024"] if smoke else
+                                       ["--model", "tinyllama", "--lengths", "32768", "131072",
+                                        "--skip-plain-above", "131072"]),
+                            "--configs", "plain", "ours+tiled+offload"],
+    }  # fmt: skip
     for vocab in vocabs:
         commands[f"c-score-v{vocab}"] = [
             "bench/gpu_check.py",
@@ -145,7 +161,7 @@ def orchestrate(args) -> int:
         for name, limit in (("env", 60), ("a", 120), ("b", 120))
     }
     for name, command in bench_commands(args.smoke).items():
-        steps[name] = (command, 170 if "train" in name else 100)
+        steps[name] = (command, 200 if name.startswith("d-") else 170 if "train" in name else 100)
     if args.only:
         steps = {name: step for name, step in steps.items() if any(name.startswith(o) for o in args.only)}
 
@@ -157,7 +173,7 @@ def orchestrate(args) -> int:
                 report["steps"][name] = {"status": "skipped", "reason": f"{args.budget_s:.0f} s budget spent"}
                 continue
             result_path = Path(scratch) / f"{name}.json"
-            arguments = [*arguments, "--json" if name.startswith("c-") else "--result", str(result_path)]
+            arguments = [*arguments, "--json" if name[:2] in ("c-", "d-") else "--result", str(result_path)]
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(arguments)} (limit {min(limit, left):.0f} s)")
             record = run_child(arguments, min(limit, left), result_path)
             report["steps"][name] = record
@@ -279,6 +295,16 @@ def markdown(report: dict) -> str:
         for name, step in report["steps"].items():
             if name.startswith(prefix) and step["status"] != "ok":
                 lines += ["", f"{name}: {step['status']}", "", "```", step.get("output_tail", "")[-2000:], "```"]
+    for name, step in report["steps"].items():  # d: bench/longctx.py's rows as they are
+        if not name.startswith("d-"):
+            continue
+        rows = step.get("result", {}).get("results", [])
+        columns = ("length", "config", "what", "seconds", "tokens_per_s", "peak_gib")
+        lines += ["", f"## {name}: {step['status']}", "", "| " + " | ".join(columns) + " |"]
+        lines += ["|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
+        if step["status"] != "ok":
+            lines += ["", "```", step.get("output_tail", "")[-2000:], "```"]
     if report.get("goals"):
         lines += ["", "## goals", "", "| goal | value | target | met |", "|---|---:|---|---|"]
         lines += [
@@ -290,7 +316,7 @@ def markdown(report: dict) -> str:
 
 
 def _cell(row: dict, column: str) -> str:
-    if "error" in row and column not in ("length", "rows", "path"):
+    if "error" in row and column not in ("length", "rows", "path", "config", "what"):
         return row["error"] if column == "tokens_per_s" else ""
     value = row.get(column)
     if value is None:
@@ -364,13 +390,15 @@ def step_train(smoke: bool, checks: Checks) -> None:
     sys.path.insert(0, str(BENCH))
     from common import build_optimizer, micro_batch, packed_rows, slm_train_step
 
+    from slm_pipeline.attention import KERNEL
     from slm_pipeline.config import TrainConfig
     from slm_pipeline.training.selection import Selector
     from slm_pipeline.training.step import Collectives
     from slm_pipeline.training.trainer import build_model, parallelize
 
     device = torch.device("cpu" if smoke else "cuda:0")
-    backend, attn = ("gloo", "sdpa") if smoke else ("nccl", "flex_attention")
+    backend = "gloo" if smoke else "nccl"
+    attn = KERNEL
     if device.type == "cuda":
         torch.cuda.set_device(device)
     shape = (
@@ -406,6 +434,8 @@ def step_train(smoke: bool, checks: Checks) -> None:
                 rows_per_micro_batch=2,
                 accumulation=2,
                 activation_checkpointing=True,
+                activation_offload=True,
+                tiled_mlp=True,
                 attn_implementation=attn,
                 bf16=True,
             )
@@ -504,11 +534,12 @@ def step_masking(smoke: bool, checks: Checks) -> None:
     """(b): document masking per attention kernel, and the hybrid packed / per document."""
     import torch
 
+    from slm_pipeline.attention import KERNEL
     from slm_pipeline.errors import SlmError
     from slm_pipeline.modeling import check_attention_kernel, probe_document_isolation, set_document_isolation
 
     device = torch.device("cpu" if smoke else "cuda:0")
-    kernels = ["sdpa", "eager", "flex_attention"]
+    kernels = [KERNEL, "sdpa", "eager", "flex_attention"]
     if importlib.util.find_spec("flash_attn"):
         kernels.append("flash_attention_2")
     else:

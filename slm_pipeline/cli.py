@@ -342,7 +342,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--attn",
         dest="attn_implementation",
         metavar="IMPL",
-        help="attention implementation: sdpa (default), flex_attention, eager, flash_attention_2 (one row per batch)",
+        help="attention implementation: document_sdpa (default: fused causal SDPA per document, O(T) memory), "
+        "sdpa, eager, flex_attention (GPU), flash_attention_2 (one row per batch)",
     )
     parser.add_argument(
         "--document-isolation",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slm_pipeline.attention import packed_documents
+from slm_pipeline.modeling import runs_documents_alone
 from slm_pipeline.scoring.loss import final_hidden_states
 from slm_pipeline.training.loss import linear_cross_entropy
 from slm_pipeline.training.selection import MicroBatch, Selector, global_masks
@@ -134,8 +135,7 @@ def accumulate_gradients(
     for index, mb in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         window = sequence.window(mb.input_ids.shape[1])
-        # The documents stay set through the backward: checkpointing recomputes attention there.
-        with contextlib.nullcontext() if last else no_sync(), packed_documents(mb.position_ids, sequence):
+        with contextlib.nullcontext() if last else no_sync(), _documents(model, mb, sequence):
             hidden_BtH = final_hidden_states(model, mb.input_ids[:, window], mb.position_ids[:, window])
             hidden_MH = hidden_BtH.reshape(-1, hidden_BtH.shape[-1])
             targets_M = _predicted(mb.input_ids, sequence, 0).reshape(-1)
@@ -189,6 +189,15 @@ def _lm_head(model) -> tuple[torch.nn.Module, object]:
     return inner.get_output_embeddings(), inner.config
 
 
+def _documents(model, mb: MicroBatch, sequence: SequenceParallel) -> contextlib.AbstractContextManager:
+    """The micro-batch's documents for document_sdpa, set over the forward and the backward (checkpointing
+    recomputes attention there; split rows need the whole rows' spans). A model that runs each document
+    alone feeds attention rows of single documents instead, which read their own position ids."""
+    if runs_documents_alone(model):
+        return contextlib.nullcontext()
+    return packed_documents(mb.position_ids, sequence)
+
+
 def _predicted(token_BT: torch.Tensor, sequence: SequenceParallel, fill) -> torch.Tensor:
     """Token space [B, T] → what this rank's positions predict, [B, t]: position p gets token p + 1; the row's
     last position predicts nothing (`fill`)."""
@@ -211,7 +220,7 @@ def _current_loss(model, mb: MicroBatch, head, config, chunk_positions: int, seq
     """[B, T] the model's current loss of every token of the whole rows, NaN where unscorable (a forward
     without gradient)."""
     window = sequence.window(mb.input_ids.shape[1])
-    with torch.no_grad(), packed_documents(mb.position_ids, sequence):
+    with torch.no_grad(), _documents(model, mb, sequence):
         hidden_BtH = final_hidden_states(model, mb.input_ids[:, window], mb.position_ids[:, window])
         hidden_MH = hidden_BtH.reshape(-1, hidden_BtH.shape[-1])
         targets_M = _predicted(mb.input_ids, sequence, 0).reshape(-1)
