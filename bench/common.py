@@ -226,9 +226,9 @@ class Timing:
 def measure_paths(
     paths: dict[str, Callable[[], object]], device: str, repeats: int, clock: str = "wall"
 ) -> dict[str, Timing]:
-    """Each path's call timed `repeats` times, round-robin after one warm-up call each; a path that runs out
-    of memory (or fails) is reported so and left out of the following rounds. `clock`: wall or cpu (this
-    process's CPU time; GPU work is not in it)."""
+    """Each path's call timed `repeats` times, round-robin after one warm-up call each (`repeats` 0: the one call
+    is timed); a path that runs out of memory (or fails) is reported so and left out of the following rounds.
+    `clock`: wall or cpu (this process's CPU time; GPU work is not in it)."""
     timings = {name: Timing() for name in paths}
 
     def call(name: str, timed: bool) -> None:
@@ -254,8 +254,8 @@ def measure_paths(
             timing.seconds.append(timing.cpu_seconds[-1] if clock == "cpu" else timing.wall_seconds[-1])
         timing.peak_gib, timing.above_gib = max(timing.peak_gib, peak), max(timing.above_gib, peak - before)
 
-    for name in paths:
-        call(name, timed=False)
+    for name in paths:  # repeats 0: this one call is the measurement (long rows: one step takes minutes)
+        call(name, timed=repeats == 0)
     for _ in range(repeats):
         for name in paths:
             call(name, timed=True)

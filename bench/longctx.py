@@ -107,7 +107,7 @@ def longest(args, name: str, device: torch.device) -> list[dict]:
     results, length = [], args.search
     while length <= args.search_limit:
         timing = measure_paths({"train step": paths_at(args, model, optimizer, config, length, device)["train step"]},
-                               device.type, repeats=1)["train step"]  # fmt: skip
+                               device.type, repeats=0)["train step"]  # fmt: skip
         results.append(row(name, length, "train step", timing))
         print(table_line(results[-1]), flush=True)
         if timing.error:
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--what", nargs="+", choices=("train", "score"), default=["train", "score"])
     parser.add_argument("--doc-len", type=int, default=8192, help="documents per row are this long (the last shorter)")
     parser.add_argument("--chunk-positions", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=0, help="0: one call, timed (no warm-up)")
     parser.add_argument("--skip-plain-above", type=int, default=16384, help="plain's dense mask: T² per row")
     parser.add_argument("--search", type=int, help="instead of --lengths: double T from here until OOM")
     parser.add_argument("--search-limit", type=int, default=1 << 24)

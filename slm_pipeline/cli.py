@@ -32,6 +32,8 @@ examples:
   # the same fraction over the whole corpus, and a random baseline at that ratio
   slm select runs/data --reference reference --training training --ratio 0.6 --scope global --name rho1-60-global
   slm select runs/data --scorer random --ratio 0.6 --seed 1 --name random-60
+  slm select runs/data --scorer excess-long --reference reference --training training --short training-4k \\
+      --ratio 0.6 --name rho1-long
 """
 
 TRAIN_EXAMPLE = """\
@@ -180,11 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", choices=["sequence", "global"], default="sequence", help="rank within rows or corpus"
     )
     select.add_argument("--name", required=True, help="selection name: DATASET/selections/NAME")
+    select.add_argument("--long", metavar="LONG", help="score set over whole rows (scorer long)")
+    select.add_argument(
+        "--short", metavar="SHORT", help="score set of the same model through --window (scorers long, excess-long)"
+    )
+    select.add_argument(
+        "--long-weight", type=float, default=1.0, metavar="W", help="weight of the long-context gain (excess-long)"
+    )
+    select.add_argument(
+        "--allow-mixed-context",
+        action="store_true",
+        help="let --scorer excess compare score sets taken through different windows",
+    )
     select.add_argument(
         "--scorer",
-        choices=["excess", "reference", "random"],
+        choices=["excess", "reference", "random", "long", "excess-long"],
         default="excess",
-        help="excess = TRN − REF loss (Rho-1); reference = lowest REF loss; random (default: excess)",
+        help="excess = TRN − REF loss (Rho-1); reference = lowest REF loss; random; long = SHORT − LONG loss "
+        "(what long context saves); excess-long = excess + W·max(0, SHORT − TRN) (default: excess)",
     )
     select.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default: 0)")
     select.add_argument("--overwrite", action="store_true", help="replace a selection of this name")
@@ -272,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe lengths in tokens (default: 256, 512, ... up to the model's maximum)",
     )
     evaluate.add_argument("--probe-samples", type=int, default=2, metavar="S", help="probes per cell (default: 2)")
+    evaluate.add_argument(
+        "--longrange-evaluator",
+        metavar="MODEL|RUN",
+        help="also the loss on the long-range tokens: the top --longrange-top by this model's long-context gain",
+    )
+    evaluate.add_argument("--longrange-window", type=int, default=256, metavar="W", help="the gain's short window")
+    evaluate.add_argument("--longrange-stride", type=int, default=128, metavar="S", help="its stride")
+    evaluate.add_argument("--longrange-top", type=float, default=0.1, metavar="F", help="fraction kept (default 0.1)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_run_eval)

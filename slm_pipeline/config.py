@@ -115,10 +115,30 @@ class SelectConfig:
     scope: str = "sequence"
     """Rank within each row (`sequence`) or over the whole corpus (`global`, an exact threshold)."""
     scorer: str = "excess"
-    """`excess` (Rho-1: training − reference loss), `reference` (lowest reference loss) or `random`."""
+    """`excess` (Rho-1: training − reference loss), `reference` (lowest reference loss), `random`, `long`
+    (short − long loss: what long context saves) or `excess-long` (excess + W·max(0, short − training))."""
+    long: str | None = None
+    """Score set over whole rows (`long`)."""
+    short: str | None = None
+    """The same model's score set through a window (`long`: long's model; `excess-long`: training's)."""
+    long_weight: float = 1.0
+    """W of `excess-long`."""
+    allow_mixed_context: bool = False
+    """Let `excess` compare score sets taken through different windows."""
     seed: int = 0
     """Seed of the `random` scorer."""
     overwrite: bool = False
+
+    def score_sets(self) -> dict[str, str]:
+        """Role → score set name, for the roles the scorer reads."""
+        roles = {
+            "excess": ("reference", "training"),
+            "reference": ("reference",),
+            "random": (),
+            "long": ("long", "short"),
+            "excess-long": ("reference", "training", "short"),
+        }[self.scorer]
+        return {role: getattr(self, role) for role in roles}
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -127,12 +147,13 @@ class SelectConfig:
             raise SlmError(f"--ratio must be between 0 and 1, got {self.ratio}")
         if self.scope not in ("sequence", "global"):
             raise SlmError(f"--scope must be sequence or global, got {self.scope!r}")
-        if self.scorer not in ("excess", "reference", "random"):
-            raise SlmError(f"--scorer must be excess, reference or random, got {self.scorer!r}")
-        if self.scorer in ("excess", "reference") and not self.reference:
-            raise SlmError(f"--scorer {self.scorer} needs --reference (a score set name)")
-        if self.scorer == "excess" and not self.training:
-            raise SlmError("--scorer excess needs --training (a score set name)")
+        from slm_pipeline.scoring.policies import SCORERS
+
+        if self.scorer not in SCORERS:
+            raise SlmError(f"--scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        for role, name in self.score_sets().items():
+            if not name:
+                raise SlmError(f"--scorer {self.scorer} needs --{role} (a score set name)")
 
 
 @dataclass
@@ -162,8 +183,21 @@ class EvalConfig:
     """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
     model whose layers would let documents meet) or `per_document` (each document runs alone: correct for any
     model, e.g. hybrids whose recurrent layers ignore document boundaries on their torch fallback; slower)."""
+    longrange_evaluator: str | None = None
+    """A fixed model (or run) that picks the long-range tokens: its top `longrange_top` by long-context gain
+    (loss through windows − loss over whole rows). The result then has the model's loss on them."""
+    longrange_window: int = 256
+    longrange_stride: int = 128
+    longrange_top: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.longrange_evaluator and not 1 <= self.longrange_stride < self.longrange_window:
+            raise SlmError(
+                f"longrange_stride must be at least 1 and below longrange_window ({self.longrange_window}), "
+                f"got {self.longrange_stride}"
+            )
+        if not 0.0 < self.longrange_top <= 1.0:
+            raise SlmError(f"longrange_top must be in (0, 1], got {self.longrange_top}")
         if self.probe_samples < 1:
             raise SlmError(f"--probe-samples must be at least 1, got {self.probe_samples}")
         if self.probe_lengths is not None and any(n < 256 for n in self.probe_lengths):
@@ -190,8 +224,17 @@ class CompareConfig:
     noisy_source: str | None = None
     probes: bool = True
     probe_samples: int = 2
+    longrange: dict | None = None
+    """{evaluator: MODEL, window: W, stride: S, top: 0.1}: each run's `heldout_longrange_loss` on the held-out
+    tokens whose long-context gain under the evaluator is in the top fraction (evaluation/longrange.py)."""
 
     def __post_init__(self) -> None:
+        if self.longrange is not None:
+            unknown = set(self.longrange) - {"evaluator", "window", "stride", "top"}
+            if unknown or "evaluator" not in self.longrange:
+                raise SlmError(
+                    f"longrange: needs `evaluator` and takes window, stride, top; got {sorted(self.longrange)}"
+                )
         self.runs = {name: [dirs] if isinstance(dirs, str) else list(dirs) for name, dirs in self.runs.items()}
         if not self.runs or not all(self.runs.values()):
             raise SlmError("runs: name each compared run and give at least one run directory")
@@ -245,6 +288,11 @@ class TrainConfig:
     """Where the top `ratio` is taken: each row, each micro-batch, or the whole step (all ranks)."""
     reference: str | None = None
     """Score set with the reference model's losses (rho1)."""
+    short: str | None = None
+    """rho1: a score set of the starting model through a short window; tokens are then ranked by excess-long,
+    (current − reference) + long_weight · max(0, short − current) (docs/long-context-selection.md)."""
+    long_weight: float = 1.0
+    """W of the excess-long score (with `short`)."""
     selection: str | None = None
     """Stored selection (static)."""
     save_every: int = 0
@@ -316,6 +364,8 @@ class TrainConfig:
             raise SlmError(f"scope must be sequence, microbatch or global, got {self.scope!r}")
         if self.mode == "rho1" and not self.reference:
             raise SlmError("mode rho1 needs `reference`: the name of a score set of the reference model")
+        if self.short and self.mode != "rho1":
+            raise SlmError(f"short ranks rho1's online selection by excess-long; mode is {self.mode}")
         if self.mode == "static" and not self.selection:
             raise SlmError("mode static needs `selection`: the name of a stored selection")
         if not 0.0 < self.ratio <= 1.0:

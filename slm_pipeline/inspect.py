@@ -15,8 +15,10 @@ from slm_pipeline.schemas import validate
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 TOKEN_LIST_LENGTH = 10
 MIN_TOKEN_OCCURRENCES = 20
-STATISTICS_TOKENS = 1 << 24
 """A token must occur this often to rank among the most and least often selected."""
+STATISTICS_TOKENS = 1 << 24
+POSITION_BINS = 8
+"""The long-context gain by position: the row in this many equal parts."""
 
 
 def _sidecar_manifests(dataset: Path, kind: str) -> dict[str, dict]:
@@ -53,6 +55,7 @@ def summarize(dataset: Path) -> dict:
             name: {"model": m["model"]["path"], "mean_loss": m["mean_loss"], "tokens_scored": m["tokens_scored"]}
             for name, m in _sidecar_manifests(dataset, "scores").items()
         },
+        "long_context_gain": _long_context_gains(dataset, manifest, shards),
         "selections": {},
     }
     selections = _sidecar_manifests(dataset, "selections")
@@ -76,13 +79,69 @@ def summarize(dataset: Path) -> dict:
     return summary
 
 
+def _long_context_gains(dataset: Path, manifest: dict, shards: list[str]) -> list[dict]:
+    """For each pair of score sets of one model, one over whole rows (or a longer window) and one through a
+    shorter window: the long-context gain (short − long loss; LongPPL's long-short difference), overall and by
+    position in the row, over the first STATISTICS_TOKENS scorable tokens."""
+    score_sets = _sidecar_manifests(dataset, "scores")
+    pairs = [
+        (long, short)
+        for long, long_manifest in score_sets.items()
+        for short, short_manifest in score_sets.items()
+        if long_manifest["model"]["weights_sha256"] == short_manifest["model"]["weights_sha256"]
+        and short_manifest["window"] is not None
+        and (long_manifest["window"] is None or long_manifest["window"] > short_manifest["window"])
+    ]
+    bins = np.linspace(0, manifest["seq_len"], POSITION_BINS + 1).astype(np.int64)
+    gains = []
+    for long, short in pairs:
+        total, count = np.zeros(POSITION_BINS), np.zeros(POSITION_BINS, dtype=np.int64)
+        for long_loss, short_loss in zip(
+            _column(dataset, ("scores", long), "scores", "loss", shards),
+            _column(dataset, ("scores", short), "scores", "loss", shards),
+            strict=True,
+        ):
+            gain = np.asarray(short_loss, dtype=np.float64) - np.asarray(long_loss, dtype=np.float64)
+            positions = np.flatnonzero(~np.isnan(gain))
+            bin_of = np.searchsorted(bins, positions, side="right") - 1
+            total += np.bincount(bin_of, weights=gain[positions], minlength=POSITION_BINS)
+            count += np.bincount(bin_of, minlength=POSITION_BINS)
+            if count.sum() >= STATISTICS_TOKENS:
+                break
+        gains.append(
+            {
+                "long": long,
+                "short": short,
+                "short_window": score_sets[short]["window"],
+                "mean_gain": float(total.sum() / max(count.sum(), 1)),
+                "by_position": [
+                    {"from": int(a), "to": int(b), "tokens": int(n), "mean_gain": float(t / n) if n else None}
+                    for a, b, n, t in zip(bins[:-1], bins[1:], count, total, strict=True)
+                ],
+            }
+        )
+    return gains
+
+
+def _distance_edges(seq_len: int) -> np.ndarray:
+    """Buckets of distance from the document start: 1–3, 4–15, 16–63, ... (powers of 4) up to the row."""
+    edges = [1]
+    while edges[-1] < seq_len:
+        edges.append(edges[-1] * 4)
+    return np.asarray(edges, dtype=np.int64)
+
+
 def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
-    """Excess-loss percentiles, and the tokens kept most and least often, over the first
-    STATISTICS_TOKENS scorable tokens (memory stays bounded on a large corpus)."""
-    scores, kept, tokens = [], [], []
+    """Excess-loss percentiles, the tokens kept most and least often, and the fraction kept by distance from
+    the document start, over the first STATISTICS_TOKENS scorable tokens (memory stays bounded on a large
+    corpus)."""
+    from slm_pipeline.scoring.loss import row_position_ids
+
+    scores, kept, tokens, distances = [], [], [], []
     counted = 0
-    for ids, excess, selected in zip(
+    for ids, lengths, excess, selected in zip(
         _column(dataset, ("tokens",), "tokens", "input_ids", shards),
+        _column(dataset, ("tokens",), "tokens", "segment_lengths", shards),
         _column(dataset, ("selections", name), "selection", "excess_loss", shards),
         _column(dataset, ("selections", name), "selection", "selected", shards),
         strict=True,
@@ -92,10 +151,16 @@ def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
         scores.append(excess[scorable])
         kept.append(np.asarray(selected)[scorable])
         tokens.append(np.asarray(ids)[scorable])
+        distances.append(row_position_ids(lengths)[scorable])
         counted += len(scores[-1])
         if counted >= STATISTICS_TOKENS:
             break
     scores, kept, tokens = np.concatenate(scores), np.concatenate(kept), np.concatenate(tokens)
+    distances = np.concatenate(distances)
+    edges = _distance_edges(int(distances.max(initial=1)) + 1)
+    bucket = np.searchsorted(edges, distances, side="right") - 1
+    in_bucket = np.bincount(bucket, minlength=len(edges) - 1)
+    kept_in_bucket = np.bincount(bucket, weights=kept, minlength=len(edges) - 1)
     occurrences = np.bincount(tokens)
     rate = np.bincount(tokens, weights=kept) / np.maximum(occurrences, 1)
     frequent = np.flatnonzero(occurrences >= MIN_TOKEN_OCCURRENCES)
@@ -113,6 +178,11 @@ def _selection_statistics(dataset: Path, name: str, shards: list[str]) -> dict:
         else {},
         "most_selected_tokens": describe(by_rate[:TOKEN_LIST_LENGTH]),
         "least_selected_tokens": describe(by_rate[::-1][:TOKEN_LIST_LENGTH]),
+        "kept_by_document_distance": [
+            {"from": int(a), "to": int(b) - 1, "scorable": int(n), "fraction": float(k / n)}
+            for a, b, n, k in zip(edges[:-1], edges[1:], in_bucket, kept_in_bucket, strict=False)
+            if n
+        ],
     }
 
 
@@ -239,6 +309,14 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  skipped    {json.dumps(summary['skipped'])}")
     for name, score in summary["scores"].items():
         lines.append(f"  scores/{name}: mean loss {score['mean_loss']:.4f} nats, model {score['model']}")
+    for gain in summary["long_context_gain"]:
+        by_position = ", ".join(
+            f"{b['from']}–{b['to']} {b['mean_gain']:.3f}" for b in gain["by_position"] if b["mean_gain"] is not None
+        )
+        lines.append(
+            f"  long-context gain scores/{gain['short']} (windows of {gain['short_window']}) − scores/{gain['long']}: "
+            f"mean {gain['mean_gain']:.4f} nats; by position in the row: {by_position}"
+        )
     for name, selection in summary["selections"].items():
         threshold = f", threshold {selection['threshold']:.4g}" if selection["threshold"] is not None else ""
         lines.append(
@@ -252,6 +330,8 @@ def summary_lines(summary: dict) -> list[str]:
         for key, label in (("most_selected_tokens", "most kept"), ("least_selected_tokens", "least kept")):
             shown = ", ".join(f"{e['text']!r} {e['selected_rate']:.0%}" for e in selection[key])
             lines.append(f"      {label}: {shown}")
+        shown = ", ".join(f"{b['from']}–{b['to']} {b['fraction']:.0%}" for b in selection["kept_by_document_distance"])
+        lines.append(f"      kept by distance from the document start: {shown}")
     return lines
 
 

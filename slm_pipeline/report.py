@@ -216,6 +216,24 @@ def render_report(dataset: Path, summary: dict) -> str:
             values = np.concatenate([row["loss"] for row in rows])
             losses[name] = values[~np.isnan(values)]
         parts.append(_histograms(losses, "per-token loss"))
+    for gain in summary["long_context_gain"]:
+        parts += [
+            f"<h3>Long-context gain: {html.escape(gain['short'])} (windows of {gain['short_window']}) − "
+            f"{html.escape(gain['long'])}</h3>",
+            f'<p class="meta">How much the loss falls when the model sees the whole row rather than a window: '
+            f"mean {gain['mean_gain']:.4f} nats. High where far context predicts the token.</p>",
+            _table(
+                ["positions in the row", "tokens", "mean gain (nats)"],
+                [
+                    [
+                        f"{b['from']:,}–{b['to']:,}",
+                        f"{b['tokens']:,}",
+                        "" if b["mean_gain"] is None else f"{b['mean_gain']:.4f}",
+                    ]
+                    for b in gain["by_position"]
+                ],
+            ),
+        ]
     else:
         parts.append("<p>None yet: <code>slm score DATASET --model MODEL --name NAME</code>.</p>")
 
@@ -242,6 +260,15 @@ def render_report(dataset: Path, summary: dict) -> str:
         series[label.split(" =")[0]] = scores
         parts.append(_histograms(series, f"selection {name}: scorable tokens"))
         parts.append(_selected_fraction_figure(view, manifest["seq_len"]))
+        parts.append(
+            _table(
+                ["distance from the document start", "scorable tokens", "kept"],
+                [
+                    [f"{b['from']:,}–{b['to']:,}", f"{b['scorable']:,}", f"{b['fraction']:.1%}"]
+                    for b in described["kept_by_document_distance"]
+                ],
+            )
+        )
     body = "\n".join(parts)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -110,13 +110,17 @@ def test_a_sliding_window_shorter_than_a_document_is_refused_and_a_longer_one_al
         config._attn_implementation = KERNEL
         return MistralForCausalLM(config).eval()
 
-    ids_BT, positions_BT = packed_rows()
-    with pytest.raises(SlmError, match="sliding window of 16 tokens and a document here has 40"):
-        final_hidden_states(mistral(16), ids_BT, positions_BT)
-    with torch.no_grad():  # a window past every document (40 tokens) changes nothing: each document alone
-        hidden = final_hidden_states(mistral(64), ids_BT, positions_BT)
-        alone = final_hidden_states(mistral(64), ids_BT[1:2], torch.arange(40)[None])
-    torch.testing.assert_close(hidden[1:2], alone)
+    ids_BT, positions_BT = packed_rows()  # the longest document: 40 tokens
+    with pytest.raises(SlmError, match="sliding window of 39 tokens and a document here has 40"):
+        final_hidden_states(mistral(39), ids_BT, positions_BT)
+    # A window that reaches every token of every document (transformers: key > query − window) changes
+    # nothing: each document as plain HF's eager attention runs it alone, window included.
+    with torch.no_grad():
+        hidden = final_hidden_states(mistral(40), ids_BT, positions_BT)
+        eager = mistral(40)
+        eager.config._attn_implementation = "eager"
+        alone = eager.model(input_ids=ids_BT[1:2], use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden[1:2], alone, rtol=1e-5, atol=1e-5)
 
 
 def long_row(length: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +151,13 @@ def test_the_tiled_mlp_gives_the_plain_models_losses_and_gradients_with_tile_siz
 
     handles = [layer.mlp.gate_proj.register_forward_hook(record) for layer in layers]
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        plain_loss, plain_grads = train_step(plain, ids_BT, positions_BT)
-        tiled_loss, tiled_grads = train_step(tiled, ids_BT, positions_BT)
+    results = []
+    for model in (plain, tiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = packed_loss(model, ids_BT, positions_BT)
+        loss.backward()  # outside autocast, as PyTorch advises: the tiles' recompute must restore it itself
+        results.append((loss.detach(), gradients(model)))
+    (plain_loss, plain_grads), (tiled_loss, tiled_grads) = results
     for handle in handles:
         handle.remove()
 
@@ -161,8 +169,8 @@ def test_the_tiled_mlp_gives_the_plain_models_losses_and_gradients_with_tile_siz
         for name in plain_grads:
             torch.testing.assert_close(tiled_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
         return
-    # The backward's recompute runs under the forward's autocast (a Function's backward runs outside it), and
-    # the results agree to bf16's precision (each tile's matmuls round on their own).
+    # The backward's recompute runs under the forward's autocast (the backward itself ran outside it), and the
+    # results agree to bf16's precision (each tile's matmuls round on their own).
     assert dtypes == {torch.bfloat16}
     torch.testing.assert_close(tiled_loss, plain_loss, rtol=1e-3, atol=0)
     for name in plain_grads:
@@ -178,6 +186,9 @@ def test_offload_gives_the_plain_models_gradients_and_hands_the_layer_inputs_to_
     for offload in (False, True):
         model = tiny_llama(VOCAB, seed=4).train()
         enable_checkpointing(model, offload=offload)
+        attention_calls: list[int] = []
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(lambda *_, calls=attention_calls: calls.append(1))
         shapes: list[tuple[int, ...]] = []
 
         def pack(tensor, shapes=shapes):
@@ -187,8 +198,43 @@ def test_offload_gives_the_plain_models_gradients_and_hands_the_layer_inputs_to_
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             results[offload] = train_step(model, ids_BT, positions_BT)
         saved_hidden_states[offload] = shapes.count((2, 64, 32))
+        assert len(attention_calls) == 2 * 2  # each layer's forward, then its recompute: still checkpointed
 
     assert saved_hidden_states[False] - saved_hidden_states[True] == 2  # one input per layer, two layers
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_training_step_runs_documents_alone_or_packed_with_checkpointing_to_the_same_gradients(monkeypatch):
+    """The step keeps the rows' documents set through the backward's recompute (one host read of the position
+    ids per micro-batch, not one per layer and recompute); a model that runs each document as its own row
+    (per_document) gets rows of single documents there instead, and the same gradients."""
+    import numpy as np
+
+    from slm_pipeline.modeling import set_document_isolation
+    from slm_pipeline.training.selection import MicroBatch, Selector
+    from slm_pipeline.training.step import accumulate_gradients
+
+    ids_BT, positions_BT = packed_rows(seed=7)
+    batch = MicroBatch(
+        input_ids=ids_BT,
+        position_ids=positions_BT,
+        seq_ids=torch.arange(len(ROWS)),
+        row_scorable=(positions_BT != 0).sum(dim=1).numpy().astype(np.int64),
+    )
+    reads = []
+    read = Documents.of.__func__
+    monkeypatch.setattr(Documents, "of", classmethod(lambda cls, p: reads.append(tuple(p.shape)) or read(cls, p)))
+    grads = {}
+    for isolation in ("packed", "per_document"):
+        model = tiny_llama(VOCAB, seed=6, attn_implementation=KERNEL).train()
+        enable_checkpointing(model, offload=False)
+        set_document_isolation(model, isolation)
+        reads.clear()
+        accumulate_gradients(model, [batch], Selector("clm"))
+        grads[isolation] = gradients(model)
+        if isolation == "packed":
+            assert reads == [tuple(positions_BT.shape)]
+    for name, grad in grads["packed"].items():
+        torch.testing.assert_close(grads["per_document"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

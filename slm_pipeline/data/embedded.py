@@ -10,6 +10,11 @@ content follows the Python version that runs the pipeline.
 selection learns to skip: navigation menus, cookie and copyright boilerplate, markup debris,
 mojibake, long numeric tables and keyword spam, with fragments of the clean text mixed in as
 web pages have. Same Python version and seed, same documents.
+
+`builtin:long-range` (clean, long dependencies): documents of 2–4k tokens whose later tokens far
+context predicts — whole standard-library modules (names defined far above their use),
+documentation that quotes its own earlier passages, registers of records recalled after a long
+stretch of other text — for measuring and selecting what needs long context.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import functools
 import os
 import random
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 MIN_DOCUMENT_CHARS = 200
 NOISE_DOCUMENTS = 200
@@ -38,20 +43,25 @@ def python_docs() -> tuple[str, ...]:
     return tuple(doc for doc in documents if len(doc) >= MIN_DOCUMENT_CHARS)
 
 
-def _stdlib_docstring_documents() -> list[str]:
+def _stdlib_modules() -> Iterator[tuple[str, str]]:
+    """(module name, path) of the standard library's source files, in sorted path order."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    documents = []
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
         for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(root, name)
-            module = os.path.relpath(path, stdlib)[: -len(".py")].replace(os.sep, ".")
-            try:
-                with open(path, "rb") as file:
-                    tree = ast.parse(file.read())
-            except (SyntaxError, ValueError, OSError):  # a few stdlib files are templates
-                continue
-            documents.append(_module_document(module, tree))
+            yield os.path.relpath(path, stdlib)[: -len(".py")].replace(os.sep, "."), path
+
+
+def _stdlib_docstring_documents() -> list[str]:
+    documents = []
+    for module, path in _stdlib_modules():
+        try:
+            with open(path, "rb") as file:
+                tree = ast.parse(file.read())
+        except (SyntaxError, ValueError, OSError):  # a few stdlib files are templates
+            continue
+        documents.append(_module_document(module, tree))
     return documents
 
 
@@ -197,7 +207,78 @@ def _keyword_spam(rng: random.Random, words: list[str], paragraphs: list[str]) -
     return "Tags: " + ", ".join(rng.choice(phrases) for _ in range(rng.randint(20, 60)))
 
 
+LONG_RANGE_SEED = 4321
+LONG_RANGE_DOCUMENTS = 120
+"""Of each of the three kinds."""
+
+
+@functools.cache
+def long_range() -> tuple[str, ...]:
+    """Documents whose later tokens far context predicts, 2–4k tokens each, the three kinds interleaved:
+    whole standard-library modules (names defined far above their use), documentation that quotes its own
+    earlier passages, and registers of records recalled after a long stretch of other text."""
+    rng = random.Random(LONG_RANGE_SEED)
+    kinds = [_module_sources(), _self_quoting(rng), _recalled_records(rng)]
+    return tuple(document for group in zip(*kinds, strict=False) for document in group)
+
+
+def _module_sources() -> list[str]:
+    """Whole module files of 6–14k characters, in sorted path order."""
+    documents = []
+    for _, path in _stdlib_modules():
+        with open(path, encoding="utf-8", errors="replace") as file:
+            source = file.read()
+        if 6000 <= len(source) <= 14000:
+            documents.append(source)
+    return documents[:LONG_RANGE_DOCUMENTS]
+
+
+def _self_quoting(rng: random.Random) -> list[str]:
+    """A documentation text, then three of its earlier sentences quoted word for word."""
+    documents = []
+    for text in python_docs():
+        if not 4000 <= len(text) <= 12000:
+            continue
+        sentences = [s.strip() + "." for s in text[: len(text) // 2].split(". ") if 60 <= len(s.strip()) <= 300]
+        if len(sentences) < 3:
+            continue
+        quoted = rng.sample(sentences, 3)
+        documents.append(text + "\n\nAs this text put it earlier:\n" + "\n".join(f'"{q}"' for q in quoted))
+        if len(documents) == LONG_RANGE_DOCUMENTS:
+            break
+    return documents
+
+
+def _recalled_records(rng: random.Random) -> list[str]:
+    """Twenty records, about 6k characters of documentation, then ten of the records recalled."""
+    words = _vocabulary()
+    paragraphs = [p for doc in python_docs() for p in doc.split("\n\n") if 200 < len(p) < 1200]
+    documents = []
+    for _ in range(LONG_RANGE_DOCUMENTS):
+        records = {
+            f"R-{rng.randint(100, 999)}": (
+                f"{rng.choice(words)}-{rng.randint(1, 99)}.example.org",
+                rng.randint(1024, 65535),
+                rng.choice(words).title(),
+            )
+            for _ in range(20)
+        }
+        lines = [
+            f"Record {key}: host {host}, port {port}, owner {owner}." for key, (host, port, owner) in records.items()
+        ]
+        filler = []
+        while sum(len(p) for p in filler) < 6000:
+            filler.append(rng.choice(paragraphs))
+        recalled = [
+            f"The port of {key} is {records[key][1]}; its owner is {records[key][2]}."
+            for key in rng.sample(sorted(records), 10)
+        ]
+        documents.append("\n".join(["Registry", *lines, "", *filler, "", "Lookups:", *recalled]))
+    return documents
+
+
 BUILTIN_CORPORA: dict[str, Callable[[], tuple[str, ...]]] = {
     "python-docs": python_docs,
     "web-noise": web_noise,
+    "long-range": long_range,
 }

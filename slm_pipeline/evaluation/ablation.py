@@ -35,8 +35,11 @@ def _curve(run: Path, source: str) -> list[tuple[int, float]]:
 
 
 def _run_metrics(config: CompareConfig, run: str) -> dict:
+    longrange = {f"longrange_{key}": value for key, value in (config.longrange or {}).items()}
     evaluation = evaluate(
-        EvalConfig(model=run, dataset=config.dataset, probes=config.probes, probe_samples=config.probe_samples),
+        EvalConfig(
+            model=run, dataset=config.dataset, probes=config.probes, probe_samples=config.probe_samples, **longrange
+        ),
         show_progress=False,
     )
     if evaluation.row_set == "all rows":
@@ -60,6 +63,8 @@ def _run_metrics(config: CompareConfig, run: str) -> dict:
         result["probes_exact_match"] = float(np.mean([s["exact_match"] for s in summaries]))
     if config.noisy_source and config.noisy_source in evaluation.by_source:
         result["heldout_noisy_loss"] = evaluation.by_source[config.noisy_source]["loss"]
+    if evaluation.longrange:
+        result["heldout_longrange_loss"] = evaluation.longrange["loss"]
     return result
 
 
@@ -89,6 +94,10 @@ def table_lines(results: dict, config: CompareConfig) -> list[str]:
     columns = [("heldout_clean_loss", f"held-out loss, {config.clean_source}")]
     if config.noisy_source:
         columns.append(("heldout_noisy_loss", f"held-out loss, {config.noisy_source}"))
+    if config.longrange:
+        columns.append(
+            ("heldout_longrange_loss", f"held-out long-range loss (top {config.longrange.get('top', 0.1):.0%})")
+        )
     if any("probes_logprob" in r for r in results.values()):
         columns += [("probes_logprob", "probes: answer log-prob"), ("probes_exact_match", "probes: exact match")]
     seeds = max(len(r["seeds"]) for r in results.values())

@@ -38,6 +38,8 @@ class EvalResult:
     """task → cells {length, depth, samples, answer_logprob, exact_match}."""
     probe_summary: dict[str, dict] = field(default_factory=dict)
     """task → mean answer_logprob and exact_match over its cells."""
+    longrange: dict | None = None
+    """With a long-range evaluator: {loss, tokens, evaluator, window, top} (evaluation/longrange.py)."""
 
     def lines(self) -> list[str]:
         lines = [
@@ -48,6 +50,11 @@ class EvalResult:
         width = max((len(s) for s in self.by_source), default=0)
         for source, totals in self.by_source.items():
             lines.append(f"  {source:<{width}}  loss {totals['loss']:.4f}  ({totals['tokens']:,} tokens)")
+        if self.longrange:
+            lines.append(
+                f"long-range loss {self.longrange['loss']:.4f} over {self.longrange['tokens']:,} tokens (the top "
+                f"{self.longrange['top']:.0%} by long-context gain under {self.longrange['evaluator']})"
+            )
         if self.probes:
             from slm_pipeline.evaluation.probes import probe_table_lines
 
@@ -145,8 +152,6 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     from tqdm import tqdm
 
     from slm_pipeline.data.shards import check_vocabulary
-    from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
-    from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids
 
     dataset = Path(config.dataset)
     manifest = read_dataset_manifest(dataset)
@@ -154,30 +159,21 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
     if not (Path(model_dir) / "config.json").exists():
         raise SlmError(f"{config.model}: neither a Hugging Face model directory nor a training run")
     rows, row_set = evaluation_rows(config.model, dataset, manifest)
-    rows = rows[: config.max_rows]
+    rows = np.sort(rows[: config.max_rows])  # the order the shards give them in
 
     if not show_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_attention_kernel(config.attn_implementation, config.batch_size, device, "--batch-size")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_causal_lm(model_dir, dtype, config.attn_implementation)
+    model = load_for_eval(model_dir, config.attn_implementation, config.batch_size, config.document_isolation, device)
     check_vocabulary(f"{config.model}", model.config.vocab_size, manifest)
-    model = model.to(device).eval()
-    require_document_isolation(model, config.batch_size, None, config.document_isolation)
 
     losses = LossBySource()
-    progress = tqdm(total=len(rows), desc="eval", unit="row", disable=not show_progress)
-    for batch in _batches(_read_rows(dataset, manifest, rows), config.batch_size):
-        ids = torch.tensor([row[0] for row in batch], dtype=torch.long, device=device)
-        positions = segment_position_ids([row[1] for row in batch], device)
-        loss = per_token_loss(model, ids, positions, config.chunk_positions).cpu().numpy()
-        for row_loss, (_, _, source) in zip(loss, batch, strict=True):
-            losses.add(source, row_loss)
-        progress.update(len(batch))
-    progress.close()
+    with tqdm(total=len(rows), desc="eval", unit="row", disable=not show_progress) as progress:
+        scored = _row_losses(model, dataset, manifest, rows, config.batch_size, config.chunk_positions, progress)
+    for row_loss, source in scored:
+        losses.add(source, row_loss)
     probes = _probes(config, model, model_dir, manifest, device, show_progress) if config.probes else {}
 
     result = EvalResult(
@@ -191,6 +187,92 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
         probes=probes,
         probe_summary=probe_summary(probes),
     )
+    if config.longrange_evaluator:
+        from slm_pipeline.evaluation.longrange import evaluator_mask, longrange_loss
+
+        del model  # the evaluator's turn
+        mask = evaluator_mask(
+            str(Path(model_directory(config.longrange_evaluator)).resolve()),
+            str(dataset.resolve()),
+            tuple(rows.tolist()),
+            config.longrange_window,
+            config.longrange_stride,
+            config.longrange_top,
+            config.batch_size,
+        )
+        loss, tokens = longrange_loss([row_loss for row_loss, _ in scored], list(mask))
+        result.longrange = {
+            "loss": loss,
+            "tokens": tokens,
+            "evaluator": config.longrange_evaluator,
+            "window": config.longrange_window,
+            "top": config.longrange_top,
+        }
     if config.out:
         write_json(Path(config.out), dataclasses.asdict(result))
     return result
+
+
+def load_for_eval(model_dir: str, attn_implementation: str | None, batch_size: int, isolation: str, device):
+    """A model as `slm eval` runs it: bf16 on GPU, fp32 on CPU, eval mode, kernel checked, documents probed."""
+    import torch
+
+    from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
+
+    check_attention_kernel(attn_implementation, batch_size, device, "--batch-size")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_causal_lm(model_dir, dtype, attn_implementation).to(device).eval()
+    require_document_isolation(model, batch_size, None, isolation)
+    return model
+
+
+def _row_losses(
+    model,
+    dataset: Path,
+    manifest: dict,
+    rows: np.ndarray,
+    batch_size: int,
+    chunk_positions: int,
+    progress=None,
+    window: int | None = None,
+    stride: int | None = None,
+) -> list[tuple[np.ndarray, str]]:
+    """(per-token loss, source) of each of `rows` (sorted seq_ids), over whole rows or through windows."""
+    import torch
+
+    from slm_pipeline.scoring.loss import per_token_loss, segment_position_ids, windowed_token_loss
+
+    device = next(model.parameters()).device
+    scored = []
+    for batch in _batches(_read_rows(dataset, manifest, rows), batch_size):
+        ids = torch.tensor([row[0] for row in batch], dtype=torch.long, device=device)
+        if window is None:
+            loss = per_token_loss(model, ids, segment_position_ids([row[1] for row in batch], device), chunk_positions)
+        else:
+            loss = torch.stack(
+                [windowed_token_loss(model, row_ids, row[1], window, stride, chunk_positions)
+                 for row_ids, row in zip(ids, batch, strict=True)]
+            )  # fmt: skip
+        scored += [(row_loss, source) for row_loss, (_, _, source) in zip(loss.cpu().numpy(), batch, strict=True)]
+        if progress is not None:
+            progress.update(len(batch))
+    return scored
+
+
+def row_losses(
+    model_or_run: str,
+    dataset: str,
+    seq_ids: np.ndarray,
+    batch_size: int,
+    window: int | None = None,
+    stride: int | None = None,
+) -> list[np.ndarray]:
+    """Per-token losses of these rows (sorted seq_ids) under a model, over whole rows or through windows."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_eval(model_directory(model_or_run), None, batch_size, "packed", device)
+    with torch.no_grad():
+        scored = _row_losses(model, Path(dataset), read_dataset_manifest(Path(dataset)), seq_ids, batch_size,
+                             EvalConfig.chunk_positions, window=window, stride=stride)  # fmt: skip
+    return [row_loss for row_loss, _ in scored]

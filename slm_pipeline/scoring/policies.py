@@ -11,13 +11,30 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-SCORERS = ("excess", "reference", "random")
+SCORERS = ("excess", "reference", "random", "long", "excess-long")
 _RADIX_BITS = 16
 
 
 def excess_score(training_loss: np.ndarray, reference_loss: np.ndarray) -> np.ndarray:
     """Rho-1: how much more the training model still misses than the reference does."""
     return (training_loss - reference_loss).astype(np.float32)
+
+
+def long_gain_score(short_loss: np.ndarray, long_loss: np.ndarray) -> np.ndarray:
+    """LongPPL's long-short difference: how much a model's loss falls when it sees the whole row instead of a
+    short window (higher: the token needs long context)."""
+    return (short_loss - long_loss).astype(np.float32)
+
+
+def excess_long(training_loss, reference_loss, short_loss, long_weight: float):
+    """Rho-1's excess loss plus `long_weight` × the training model's own long-context gain, floored at 0:
+    (L_train − L_ref) + W · max(0, L_short − L_train). numpy arrays (`slm select`) or torch tensors (the
+    trainer's online rho1); NaN stays NaN. Why this form: docs/long-context-selection.md."""
+    return training_loss - reference_loss + long_weight * (short_loss - training_loss).clip(min=0)
+
+
+def excess_long_score(training_loss, reference_loss, short_loss, long_weight: float) -> np.ndarray:
+    return np.asarray(excess_long(training_loss, reference_loss, short_loss, long_weight), dtype=np.float32)
 
 
 def reference_score(reference_loss: np.ndarray) -> np.ndarray:

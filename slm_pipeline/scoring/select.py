@@ -83,11 +83,8 @@ def select(config: SelectConfig) -> SelectSummary:
     started = time.perf_counter()
     dataset = Path(config.dataset)
     dataset_manifest = read_dataset_manifest(dataset)
-    inputs = {
-        role: load_score_set(dataset, name, dataset_manifest)
-        for role, name in (("reference", config.reference), ("training", config.training))
-        if name
-    }
+    inputs = {role: load_score_set(dataset, name, dataset_manifest) for role, name in config.score_sets().items()}
+    check_contexts(config, inputs)
     out = dataset / "selections" / config.name
     identity = {
         "format_version": FORMAT_VERSION,
@@ -97,6 +94,7 @@ def select(config: SelectConfig) -> SelectSummary:
         "ratio": config.ratio,
         "scope": config.scope,
         "seed": config.seed,
+        **({"long_weight": config.long_weight} if config.scorer == "excess-long" else {}),
     }
     selection_fingerprint = fingerprint(identity)
     conflict = f"{out}: holds a selection made with other inputs or options; pass --overwrite or another --name"
@@ -111,7 +109,7 @@ def select(config: SelectConfig) -> SelectSummary:
 
     init_ray()
     shards = [shard["name"] for shard in dataset_manifest["shards"]]
-    job = _ShardJob(str(dataset), config.reference, config.training, config.scorer, config.seed)
+    job = _ShardJob(str(dataset), config.score_sets(), config.scorer, config.seed, config.long_weight)
     cuts: list[GlobalCut | None] = [None] * len(shards)
     if config.scope == "global":
         cuts = _global_cuts(job, shards, config.ratio)
@@ -139,6 +137,9 @@ def select(config: SelectConfig) -> SelectSummary:
         "scorer": config.scorer,
         "reference": config.reference,
         "training": config.training,
+        "long": config.long,
+        "short": config.short,
+        "long_weight": config.long_weight if config.scorer == "excess-long" else None,
         "ratio": config.ratio,
         "scope": config.scope,
         "seed": config.seed,
@@ -170,30 +171,66 @@ def _summary(out: str, manifest: dict, seconds: float, already_done: bool = Fals
     )
 
 
+def check_contexts(config: SelectConfig, inputs: dict[str, dict]) -> None:
+    """Refuse, before any work, score sets whose context lengths make the scorer mean something else.
+
+    Excess loss over a windowed reference and a full-row training loss is lowest exactly where long context
+    makes a token predictable: it would drop those first. The long-context gain needs one model seen
+    through two contexts."""
+
+    def window(role: str) -> str:
+        size = inputs[role]["window"]
+        return f"{config.score_sets()[role]} ({f'windows of {size} tokens' if size else 'whole rows'})"
+
+    if config.scorer == "excess" and inputs["reference"]["window"] != inputs["training"]["window"]:
+        if not config.allow_mixed_context:
+            raise SlmError(
+                f"--scorer excess: the reference {window('reference')} and the training {window('training')} "
+                "were scored through different contexts, so excess loss would punish what long context predicts; "
+                "score both alike, use --scorer excess-long --short, or pass --allow-mixed-context"
+            )
+    pairs = {"long": ("long", "short"), "excess-long": ("training", "short")}.get(config.scorer)
+    if pairs is None:
+        return
+    full, short = pairs
+    if inputs[full]["model"]["weights_sha256"] != inputs[short]["model"]["weights_sha256"]:
+        raise SlmError(
+            f"--scorer {config.scorer}: --{full} {config.score_sets()[full]} ({inputs[full]['model']['path']}) and "
+            f"--short {config.score_sets()[short]} ({inputs[short]['model']['path']}) were scored by different "
+            "models; the long-context gain compares one model through two contexts"
+        )
+    full_window, short_window = inputs[full]["window"], inputs[short]["window"]
+    if short_window is None or (full_window is not None and full_window <= short_window):
+        raise SlmError(
+            f"--scorer {config.scorer}: --short must be scored through a shorter window than --{full}: "
+            f"--short {window(short)} against --{full} {window(full)}"
+        )
+
+
 @dataclass(frozen=True)
 class _ShardJob:
     """What a task needs to compute the scores of a shard's rows."""
 
     dataset: str
-    reference: str | None
-    training: str | None
+    score_sets: dict[str, str]
+    """Role (reference, training, long, short) → score set name."""
     scorer: str
     seed: int
+    long_weight: float
 
     def rows(self, shard: str) -> Iterator[tuple[int, str, np.ndarray]]:
         """(seq_id, source, scores) for each row of a shard, after checking the files line up."""
         dataset = Path(self.dataset)
         tokens = open_arrow_shard(dataset / "tokens" / shard, "tokens")
-        losses = {
+        readers = {
             name: open_arrow_shard(dataset / "scores" / name / shard, "scores")
-            for name in (self.reference, self.training)
-            if name
+            for name in set(self.score_sets.values())
         }
         for index in range(tokens.num_record_batches):
             batch = tokens.get_batch(index)
             seq_ids = batch.column("seq_id").to_numpy()
             columns = {}
-            for name, reader in losses.items():
+            for name, reader in readers.items():
                 score_batch = reader.get_batch(index)
                 if not np.array_equal(score_batch.column("seq_id").to_numpy(), seq_ids):
                     raise SlmError(
@@ -204,15 +241,23 @@ class _ShardJob:
             sources = batch.column("source").to_pylist()
             segments = batch.column("segment_lengths").to_pylist()
             for row, (seq_id, source, lengths) in enumerate(zip(seq_ids.tolist(), sources, segments, strict=True)):
-                yield seq_id, source, self._score(seq_id, lengths, {n: c[row] for n, c in columns.items()})
+                losses = {
+                    role: np.asarray(columns[name][row], dtype=np.float32) for role, name in self.score_sets.items()
+                }
+                yield seq_id, source, self._score(seq_id, lengths, losses)
 
-    def _score(self, seq_id: int, segment_lengths: list[int], losses: dict[str, list]) -> np.ndarray:
+    def _score(self, seq_id: int, segment_lengths: list[int], losses: dict[str, np.ndarray]) -> np.ndarray:
         if self.scorer == "random":
             return policies.random_score(self.seed, seq_id, scorable_mask(segment_lengths))
-        reference = np.asarray(losses[self.reference], dtype=np.float32)
         if self.scorer == "reference":
-            return policies.reference_score(reference)
-        return policies.excess_score(np.asarray(losses[self.training], dtype=np.float32), reference)
+            return policies.reference_score(losses["reference"])
+        if self.scorer == "long":
+            return policies.long_gain_score(losses["short"], losses["long"])
+        if self.scorer == "excess-long":
+            return policies.excess_long_score(
+                losses["training"], losses["reference"], losses["short"], self.long_weight
+            )
+        return policies.excess_score(losses["training"], losses["reference"])
 
 
 def _radix_histogram(scores: np.ndarray, high: int | None = None) -> np.ndarray:

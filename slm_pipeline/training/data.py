@@ -113,6 +113,8 @@ class TrainingRows:
     selection: str | None = None
     heldout_rows: int = 0
     seed: int = 0
+    short: str | None = None
+    """A score set through a short window (rho1's excess-long score)."""
 
     def __post_init__(self) -> None:
         names = [shard["name"] for shard in self.manifest["shards"]]
@@ -126,6 +128,7 @@ class TrainingRows:
 
         self.tokens = shard_set(self.dataset / "tokens", "tokens")
         self.scores = shard_set(self.dataset / "scores" / self.reference, "scores") if self.reference else None
+        self.short_scores = shard_set(self.dataset / "scores" / self.short, "scores") if self.short else None
         self.selections = (
             shard_set(self.dataset / "selections" / self.selection, "selection") if self.selection else None
         )
@@ -153,6 +156,8 @@ class TrainingRows:
         columns["segment_lengths"] = self.tokens.read("segment_lengths", rows)
         if self.scores is not None:
             columns["loss"] = self.scores.read("loss", rows)
+        if self.short_scores is not None:
+            columns["short_loss"] = self.short_scores.read("loss", rows)
         if self.selections is not None:
             columns["selected"] = self.selections.read("selected", rows)
         bounds = np.cumsum([0, *(len(r) for r in micro_batch_rows)])
@@ -175,6 +180,8 @@ def _micro_batch(rows: np.ndarray, columns: dict[str, list[np.ndarray]]) -> Micr
     )
     if "loss" in columns:
         batch.reference_loss = torch.from_numpy(np.stack(columns["loss"]).astype(np.float32))
+    if "short_loss" in columns:
+        batch.short_loss = torch.from_numpy(np.stack(columns["short_loss"]).astype(np.float32))
     if "selected" in columns:
         # The stored mask is false where unscorable by contract; the and makes it so for any writer.
         stored_BT = np.stack(columns["selected"]) & scorable_BT

@@ -48,6 +48,8 @@ class MicroBatch:
     """[B] int64 on the host: tokens of each row's stored mask (static)."""
     random_scores: torch.Tensor | None = None
     """[B, T] float32, NaN where unscorable: this step's draw (random mode; data, not model, so the loader makes it)."""
+    short_loss: torch.Tensor | None = None
+    """[B, T] float32: the starting model's loss through a short window (rho1 with `short`), NaN at segment starts."""
 
     @property
     def scorable(self) -> torch.Tensor:
@@ -71,6 +73,8 @@ class Selector:
     ratio: float = 1.0
     scope: str = "sequence"
     seed: int = 0
+    long_weight: float = 1.0
+    """rho1 over micro-batches that carry a short-window loss: W of the excess-long score."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,7 +129,12 @@ class Selector:
     def scores(self, mb: MicroBatch, current_loss_BT: torch.Tensor | None) -> torch.Tensor:
         """[B, T] float32 scores, NaN where unscorable (rho1 and random only)."""
         if self.mode == "rho1":
-            return torch.where(mb.scorable, current_loss_BT - mb.reference_loss, torch.nan)
+            excess = (
+                current_loss_BT - mb.reference_loss
+                if mb.short_loss is None
+                else policies.excess_long(current_loss_BT, mb.reference_loss, mb.short_loss, self.long_weight)
+            )
+            return torch.where(mb.scorable, excess, torch.nan)
         return mb.random_scores
 
     def mask(self, mb: MicroBatch, scores_BT: torch.Tensor | None) -> torch.Tensor:

@@ -164,6 +164,16 @@ def check_model(config: TrainConfig, dataset_manifest: dict) -> None:
     split its heads or the rows cannot take."""
     text_config = model_config(config, dataset_manifest).get_text_config()
     check_vocabulary("model", text_config.vocab_size, dataset_manifest)
+    if config.short:  # excess-long's gain is the starting model's own: its short-window losses must be of it
+        from slm_pipeline.scoring.score import weights_sha256
+        from slm_pipeline.scoring.select import load_score_set
+
+        short = load_score_set(Path(config.data), config.short, dataset_manifest)["model"]
+        if isinstance(config.model, dict) or weights_sha256(Path(config.model)) != short["weights_sha256"]:
+            raise SlmError(
+                f"short: score set {config.short!r} was scored by {short['path']}, not by the model this run starts "
+                f"from ({config.model if isinstance(config.model, str) else 'an architecture config'})"
+            )
     check_layout(config.sequence_parallel, text_config.num_attention_heads, dataset_manifest["seq_len"])
 
 
@@ -173,6 +183,8 @@ def check_sidecars(config: TrainConfig, dataset: Path, dataset_manifest: dict) -
 
     if config.reference:
         load_score_set(dataset, config.reference, dataset_manifest)
+    if config.short and load_score_set(dataset, config.short, dataset_manifest)["window"] is None:
+        raise SlmError(f"short: score set {config.short!r} covers whole rows; score the model with --window/--stride")
     if config.selection:
         path = dataset / "selections" / config.selection / "manifest.json"
         if not path.exists():
@@ -252,12 +264,13 @@ class Trainer:
             config.selection,
             config.heldout_rows,
             config.seed if config.heldout_seed is None else config.heldout_seed,
+            config.short,
         )
         # The ranks of a sequence group read the same rows: the schedule deals rows to data-parallel ranks.
         self.schedule = StepSchedule(
             self.rows.train, config.rows_per_micro_batch, config.accumulation, grid.data_world, config.seed
         )
-        self.selector = Selector(config.mode, config.ratio, config.scope, config.seed)
+        self.selector = Selector(config.mode, config.ratio, config.scope, config.seed, config.long_weight)
         if rank == 0:  # `slm eval RUN DATASET` evaluates on exactly the rows this run never trained on
             write_json(
                 self.run_dir / HELDOUT_FILE,

@@ -4,6 +4,7 @@ through Ray Train (clm, rho1 with global scope, FSDP); layouts it cannot split a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -17,7 +18,10 @@ import torch.nn.functional as F
 from slm_pipeline.attention import KERNEL, packed_documents
 from slm_pipeline.errors import SlmError
 from slm_pipeline.scoring.loss import final_hidden_states, segment_position_ids
-from slm_pipeline.training.sequence_parallel import SequenceParallel, require_sequence_parallel
+from slm_pipeline.training.memory import enable_checkpointing
+from slm_pipeline.training.selection import MicroBatch, Selector
+from slm_pipeline.training.sequence_parallel import SequenceParallel, rank_grid, require_sequence_parallel
+from slm_pipeline.training.step import Collectives, accumulate_gradients
 from slm_pipeline.training.trainer import train
 from tests.models import tiny_hybrid, tiny_llama
 from tests.training.test_trainer import ARCHITECTURE, assert_same_steps, config
@@ -45,68 +49,127 @@ def summed_loss(model, ids_BT, positions_BT, window: slice, sequence: SequencePa
     return losses[scorable[:, window]].sum()
 
 
-def _split_rank(rank: int, world: int, port: int, kv_heads: int, results: dict) -> None:
+SHAPES = {
+    "kv-heads-split": dict(num_key_value_heads=2),
+    "kv-heads-repeated": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3),
+}
+"""4 query heads and 2 KV heads, split across the 2 ranks; 6 query heads and 3 KV heads, which 2 does not
+divide: each query head gets its own copy of its KV head (the order of the copies matters)."""
+
+
+def _two_ranks(rank: int, world: int, port: int, results: dict) -> None:
+    """Everything the tests below need from 2 gloo ranks, in one start-up of the processes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    sequence = SequenceParallel(world, rank, dist.group.WORLD)
     try:
-        model = tiny_llama(VOCAB, seed=3, attn_implementation=KERNEL, num_key_value_heads=kv_heads).train()
-        sequence = SequenceParallel(world, rank, dist.group.WORLD)
-        require_sequence_parallel(model, sequence, None)
-        ids, positions = rows()
-        loss = summed_loss(model, ids, positions, sequence.window(LENGTH), sequence)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-        if rank == 0:
-            results["loss"] = total
-            results["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for shape_name, shape in SHAPES.items():
+            model = tiny_llama(VOCAB, seed=3, attn_implementation=KERNEL, **shape).train()
+            require_sequence_parallel(model, sequence, None)
+            ids, positions = rows()
+            loss = summed_loss(model, ids, positions, sequence.window(LENGTH), sequence)
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            if rank == 0:
+                results[shape_name] = (total, {n: p.grad.clone() for n, p in model.named_parameters()})
+        grid = rank_grid(rank, world, world, torch.device("cpu"))  # one data-parallel replica of 2 ranks
+        collectives = Collectives(torch.device("cpu"), grid.data_rank, grid.data_world, grid.data_group, grid.sequence)
+        for name, selector in SELECTORS.items():
+            model = tiny_llama(VOCAB, seed=5, attn_implementation=KERNEL).train()
+            enable_checkpointing(model, offload=False)  # the recompute, too, must see the whole rows' documents
+            stats = accumulate_gradients(model, step_batches(selector), selector, collectives=collectives)
+            sums = collectives.sum_over_every_rank(stats.sums)
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            if rank == 0:
+                results[name] = (stats.selected_in_step, sums, {n: p.grad.clone() for n, p in model.named_parameters()})
+        try:
+            require_sequence_parallel(tiny_hybrid(), sequence, None)
+            results[f"hybrid on rank {rank}"] = "accepted"
+        except SlmError as error:
+            results[f"hybrid on rank {rank}"] = str(error)
     finally:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_two_ranks, args=(2, port, results), nprocs=2, start_method="spawn")
+    return dict(results)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-heads-split", "kv-heads-repeated"])
-def test_two_ranks_on_split_rows_give_the_loss_and_gradients_of_whole_rows(kv_heads):
-    """4 query heads; 2 KV heads split across the 2 ranks, or 1 KV head (2 does not divide it) repeated."""
-    manager = mp.get_context("spawn").Manager()
-    results = manager.dict()
-    mp.start_processes(_split_rank, args=(2, free_port(), kv_heads, results), nprocs=2, start_method="spawn")
-
-    model = tiny_llama(VOCAB, seed=3, attn_implementation=KERNEL, num_key_value_heads=kv_heads).train()
+@pytest.mark.parametrize("shape_name", SHAPES)
+def test_two_ranks_on_split_rows_give_the_loss_and_gradients_of_whole_rows(two_ranks, shape_name):
+    split_loss, split_grads = two_ranks[shape_name]
+    model = tiny_llama(VOCAB, seed=3, attn_implementation=KERNEL, **SHAPES[shape_name]).train()
     ids, positions = rows()
     whole = summed_loss(model, ids, positions, slice(0, LENGTH), None)
     whole.backward()
-    torch.testing.assert_close(results["loss"], whole.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_loss, whole.detach(), rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(results["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(split_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _refusal_rank(rank: int, world: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        require_sequence_parallel(tiny_hybrid(), SequenceParallel(world, rank, dist.group.WORLD), None)
-        results[rank] = "accepted"
-    except SlmError as error:
-        results[rank] = str(error)
-    finally:
-        dist.destroy_process_group()
+SELECTORS = {
+    "clm": Selector("clm"),
+    "static": Selector("static"),
+    "rho1-sequence": Selector("rho1", 0.5, "sequence"),
+    "rho1-microbatch": Selector("rho1", 0.5, "microbatch"),
+    "random-sequence": Selector("random", 0.5, "sequence", seed=2),
+    "rho1-global": Selector("rho1", 0.5, "global"),
+}
 
 
-def test_a_model_that_mixes_positions_outside_attention_is_refused_on_every_rank():
+def step_batches(selector: Selector) -> list[MicroBatch]:
+    """Two micro-batches of two 48-token rows (those of `rows()`, in another order for the second), with a
+    reference loss, a stored mask and a random draw."""
+    ids, positions = rows()
+    generator = torch.Generator().manual_seed(1)
+    scorable = positions != 0
+    reference = torch.rand(ids.shape, generator=generator).mul(5).where(scorable, torch.nan)
+    stored = (torch.rand(ids.shape, generator=generator) < 0.4) & scorable
+    batches = []
+    for order in ([0, 1], [2, 0]):
+        batch = MicroBatch(
+            input_ids=ids[order],
+            position_ids=positions[order],
+            seq_ids=torch.tensor(order),
+            row_scorable=scorable[order].sum(1).numpy(),
+            reference_loss=reference[order],
+            stored_mask=stored[order],
+            row_stored=stored[order].sum(1).numpy(),
+        )
+        batches.append(selector.draw_random_scores(batch, step=3))
+    return batches
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_a_step_on_split_rows_equals_the_step_on_whole_rows_in_every_mode(two_ranks, name):
+    """The step's selected count, its sums (losses, counts, reference) and its gradients, two ranks each running
+    half of every row against one process: selection sees whole rows on both ranks (rho1's current losses
+    gathered), and each rank counts and backpropagates only the positions it runs."""
+    selector = SELECTORS[name]
+    model = tiny_llama(VOCAB, seed=5, attn_implementation=KERNEL).train()
+    enable_checkpointing(model, offload=False)
+    stats = accumulate_gradients(model, step_batches(selector), selector)
+    split_selected, split_sums, split_grads = two_ranks[name]
+    assert split_selected == stats.selected_in_step
+    torch.testing.assert_close(split_sums, stats.sums, rtol=1e-5, atol=1e-6)
+    for parameter_name, p in model.named_parameters():
+        torch.testing.assert_close(split_grads[parameter_name], p.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+def test_a_model_that_mixes_positions_outside_attention_is_refused_on_every_rank(two_ranks):
     """A hybrid's linear-attention layer carries state along the row: each rank would see only its part."""
-    manager = mp.get_context("spawn").Manager()
-    results = manager.dict()
-    mp.start_processes(_refusal_rank, args=(2, free_port(), results), nprocs=2, start_method="spawn")
-    assert sorted(results.keys()) == [0, 1]
-    for message in results.values():
+    for rank in (0, 1):
+        message = two_ranks[f"hybrid on rank {rank}"]
         assert "gives other hidden states when a row is split" in message, message
 
 
@@ -116,7 +179,7 @@ def test_a_model_that_mixes_positions_outside_attention_is_refused_on_every_rank
     ids=["clm-replicated", "rho1-global-fsdp"],
 )
 def test_two_ray_workers_splitting_each_row_take_the_steps_of_one_process(dataset, tmp_path, options):
-    """The dataset's 64-token rows are packed with documents that cross the split point (32)."""
+    """The dataset's rows are packed with documents that cross the split point (half a row)."""
     common = dict(steps=2, rows_per_micro_batch=2, accumulation=2, activation_checkpointing=True)
     one = {k: v for k, v in options.items() if k != "fsdp"}
     train(config(dataset, tmp_path / "one", workers=0, **common, **one))
@@ -130,17 +193,20 @@ def test_two_ray_workers_splitting_each_row_take_the_steps_of_one_process(datase
         ({"workers": 3, "sequence_parallel": 2}, "sequence_parallel 2 does not divide workers 3"),
         ({"workers": 8, "sequence_parallel": 8}, "does not divide the model's 4 attention heads"),
         (
-            {"workers": 3, "sequence_parallel": 3,
-             "model": {**ARCHITECTURE, "hidden_size": 24, "num_attention_heads": 3, "num_key_value_heads": 1}},
-            "sequence_parallel 3 does not divide the dataset's row length 64 (seq_len)",
+            {"workers": 5, "sequence_parallel": 5,
+             "model": {**ARCHITECTURE, "hidden_size": 40, "num_attention_heads": 5, "num_key_value_heads": 1}},
+            "sequence_parallel 5 does not divide the dataset's row length",
         ),
         ({"workers": 2, "sequence_parallel": 2, "attn_implementation": "sdpa"}, "needs attn_implementation"),
         ({"workers": 2, "sequence_parallel": 2, "document_isolation": "per_document"}, "document_isolation: packed"),
         ({"workers": 2, "sequence_parallel": 0}, "sequence_parallel must be at least 1"),
+        ({"workers": 0, "sequence_parallel": 2}, "sequence_parallel 2 does not divide workers 0"),
         ({"activation_offload": True}, "set activation_checkpointing: true"),
     ],
 )  # fmt: skip
 def test_layouts_that_cannot_split_are_refused_before_any_work(dataset, tmp_path, values, message):
+    seq_len = json.loads((dataset / "manifest.json").read_text())["seq_len"]
+    assert seq_len % 5 and seq_len % 2 == 0  # the row-length case needs a length 5 does not divide
     with pytest.raises(SlmError, match=re.escape(message)):
         train(config(dataset, tmp_path / "run", **values))
     assert not (tmp_path / "run").exists()
