@@ -124,7 +124,7 @@ def test_per_document_hybrid_losses_equal_each_document_alone():
 
 
 def test_per_document_gradients_equal_each_document_alone():
-    model = tiny_hybrid().train()
+    model = tiny_hybrid().double().train()  # float64: the two sums differ in order only, far below any leak
     set_document_isolation(model, "per_document")
     from slm_pipeline.scoring.loss import final_hidden_states
 
@@ -141,7 +141,7 @@ def test_per_document_gradients_equal_each_document_alone():
         ).last_hidden_state.square().sum().backward()
     for ours, alone in zip(packed_grads, [p.grad for p in model.model.parameters()], strict=True):
         assert alone.abs().max() > 0
-        torch.testing.assert_close(ours, alone, atol=1e-4 * alone.abs().max().item(), rtol=1e-3)
+        torch.testing.assert_close(ours, alone, atol=1e-6 * alone.abs().max().item(), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -100,15 +100,19 @@ def table_lines(results: dict, config: CompareConfig) -> list[str]:
         )
     if any("probes_logprob" in r for r in results.values()):
         columns += [("probes_logprob", "probes: answer log-prob"), ("probes_exact_match", "probes: exact match")]
-    seeds = max(len(r["seeds"]) for r in results.values())
-    header = f"run ({seeds} seed{'s' if seeds > 1 else ''}, mean ± s.d.)"
+    seeds = {name: len(r["seeds"]) for name, r in results.items()}
+    if len(set(seeds.values())) == 1:  # one count for all: said once, in the header
+        count = next(iter(seeds.values()))
+        header, labels = f"run ({count} seed{'s' if count > 1 else ''}, mean ± s.d.)", {n: n for n in results}
+    else:
+        header, labels = "run (seeds; mean ± s.d.)", {n: f"{n} ({count})" for n, count in seeds.items()}
     lines = [
         f"| {header} | tokens | " + " | ".join(title for _, title in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
     for name, r in results.items():
         cells = [f"{r[k]:.3f} ± {r[k + '_spread']:.3f}" if k in r else "–" for k, _ in columns]
-        lines.append(f"| {name} | {r['tokens']:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[name]} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -140,21 +140,43 @@ def windowed_token_loss(
     did not, so every token past the first window has at least window − stride tokens of
     context (or its whole segment, if shorter). Window edges cut segments; a cut piece's
     first tokens only serve as context, since stride < window.
+
+    Windows of equal length share forward passes, up to the row's own token count at once: one
+    row through windows holds about the activations of that row scored whole.
     """
     length = input_ids_T.shape[0]
-    loss_T = torch.full((length,), math.nan, dtype=torch.float32, device=input_ids_T.device)
+    spans = _window_spans(length, window, stride)
     starts = [0, *itertools.accumulate(segment_lengths[:-1])]
-    scored_until = 0
-    for begin in range(0, length, stride):
-        end = min(begin + window, length)
-        pieces = _clip_segments(starts, segment_lengths, begin, end)
-        positions = segment_position_ids([pieces], input_ids_T.device)
-        window_loss = per_token_loss(model, input_ids_T[None, begin:end], positions, chunk_positions)[0]
-        loss_T[scored_until:end] = window_loss[scored_until - begin :]
-        scored_until = end
-        if end == length:
-            break
+    loss_T = torch.full((length,), math.nan, dtype=torch.float32, device=input_ids_T.device)
+    scored_from = [0, *(end for _, end in spans[:-1])]  # each window scores what the one before it did not
+    for group in _forward_groups(spans, window, per_forward=max(1, length // window)):
+        ids_BW = torch.stack([input_ids_T[begin:end] for begin, end in (spans[i] for i in group)])
+        pieces = [_clip_segments(starts, segment_lengths, *spans[i]) for i in group]
+        window_loss_BW = per_token_loss(
+            model, ids_BW, segment_position_ids(pieces, input_ids_T.device), chunk_positions
+        )
+        for row, i in enumerate(group):
+            begin, end = spans[i]
+            loss_T[scored_from[i] : end] = window_loss_BW[row, scored_from[i] - begin :]
     return loss_T
+
+
+def _window_spans(length: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """[begin, end) of each window: one every `stride` tokens, until a window reaches the row's end."""
+    spans = []
+    for begin in range(0, length, stride):
+        spans.append((begin, min(begin + window, length)))
+        if spans[-1][1] == length:
+            return spans
+    return spans
+
+
+def _forward_groups(spans: list[tuple[int, int]], window: int, per_forward: int) -> list[range]:
+    """Indices of the windows that run together: the full ones (all but perhaps the last) `per_forward` at a
+    time, then a shorter last one alone."""
+    full = sum(end - begin == window for begin, end in spans)
+    groups = [range(first, min(first + per_forward, full)) for first in range(0, full, per_forward)]
+    return groups + [range(full, len(spans))] if full < len(spans) else groups
 
 
 def _clip_segments(starts: list[int], lengths: list[int], begin: int, end: int) -> list[int]:

@@ -18,7 +18,7 @@ import pytest
 from slm_pipeline.data.shards import open_arrow_shard
 from slm_pipeline.data.tokenizer import load_tokenizer
 from slm_pipeline.schemas import validate
-from tests.conftest import run_slm
+from tests.conftest import run_slm, run_slm_each
 
 TOKENIZER = "builtin:pydoc-bpe-4k"
 
@@ -50,27 +50,26 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_prepare_packs_every_token_once_and_workers_do_not_change_the_shards(ray_address, corpus, tmp_path):
+@pytest.fixture(scope="module")
+def by_workers(ray_address, corpus, tmp_path_factory) -> dict[int, tuple[list[str], Path, str]]:
+    """The corpus prepared by 1 and by 2 workers: workers → (the command's arguments, its output, its stdout)."""
+    root, _ = corpus
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path_factory.mktemp(f"w{workers}") / "ds"
+        args = [
+            "prepare", str(root), "--tokenizer", TOKENIZER, "--seq-len", "256", "--shard-tokens", "4096",
+            "--workers", str(workers), "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        runs[workers] = args, out, run_slm(*args).stdout
+    return runs
+
+
+def test_prepare_packs_every_token_once_and_workers_do_not_change_the_shards(corpus, by_workers):
     root, documents = corpus
     outputs = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        result = run_slm(
-            "prepare",
-            str(root),
-            "--tokenizer",
-            TOKENIZER,
-            "--seq-len",
-            "256",
-            "--shard-tokens",
-            "4096",
-            "--workers",
-            str(workers),
-            "--out",
-            str(out),
-            "--no-progress",
-        )
-        assert "documents  60" in result.stdout and "bytes/token" in result.stdout
+    for workers, (_, out, stdout) in by_workers.items():
+        assert "documents  60" in stdout and "bytes/token" in stdout
         outputs[workers] = out
 
     manifest, table = read_dataset(outputs[1])
@@ -106,23 +105,11 @@ def test_prepare_packs_every_token_once_and_workers_do_not_change_the_shards(ray
         )
 
 
-def test_rerun_of_a_finished_dataset_is_a_no_op(ray_address, corpus, tmp_path):
-    root, _ = corpus
-    args = [
-        "prepare",
-        str(root / "a_topics.jsonl"),
-        "--tokenizer",
-        TOKENIZER,
-        "--seq-len",
-        "128",
-        "--out",
-        str(tmp_path / "ds"),
-        "--no-progress",
-    ]
-    run_slm(*args)
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ds").rglob("*")}
+def test_rerun_of_a_finished_dataset_is_a_no_op(by_workers):
+    args, out, _ = by_workers[1]  # the fixture's finished dataset, read only by the test above
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert "already prepared" in run_slm(*args).stdout
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ds").rglob("*")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
     changed = run_slm(*args[:-1], "--seq-len", "64", "--no-progress", check=False)
     assert changed.returncode == 1 and "pass --overwrite" in changed.stderr
@@ -139,12 +126,6 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_output(ray_addr
         "25600",
         "--no-progress",
     ]
-    reference = tmp_path / "reference"
-    run_slm("prepare", *args, "--out", str(reference))
-    expected = {p.name: sha256(p) for p in (reference / "tokens").iterdir()}
-    expected_manifest = json.loads((reference / "manifest.json").read_text())
-    assert len(expected) > 10
-
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "slm_pipeline.cli", "prepare", *args, "--out", str(out)]
     # Kill once mid-way (after some shards are complete), then again right at start-up of the re-run.
@@ -162,8 +143,15 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_output(ray_addr
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    result = run_slm("prepare", *args, "--out", str(out))
-    assert "prepared in" in result.stdout
+    # The re-run, and beside it an uninterrupted run of the same command into another folder.
+    reference = tmp_path / "reference"
+    finished = run_slm_each({folder: ("prepare", *args, "--out", str(folder)) for folder in (out, reference)})
+    for result in finished.values():
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "prepared in" in finished[out].stdout
+    expected = {p.name: sha256(p) for p in (reference / "tokens").iterdir()}
+    expected_manifest = json.loads((reference / "manifest.json").read_text())
+    assert len(expected) > 10  # enough shards that the first kill came mid-way
     assert {p.name: sha256(p) for p in (out / "tokens").iterdir()} == expected
     manifest = json.loads((out / "manifest.json").read_text())
     assert {k: v for k, v in manifest.items() if k != "options"} == {
@@ -200,30 +188,33 @@ def test_skip_mode_counts_bad_records_in_manifest_and_summary(ray_address, tmp_p
     assert manifest["skipped"]["examples"][0].endswith("mixed.jsonl:2: malformed JSON (Expecting value, column 10)")
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'{"text": "fine"}\n{"text": oops}\n', "bad.jsonl:2: malformed JSON"),
-        (b'{"text": "fine"}\n{"body": "x"}\n', "bad.jsonl:2: missing text field"),
-        (b'{"text": "fine"}\n{"text": "\xff"}\n', "bad.jsonl:2: invalid UTF-8"),
-        (b'{"text": ""}\n', "bad.jsonl:1: empty document"),
-    ],
-)
-def test_bad_record_fails_through_ray_with_one_line_and_no_manifest(ray_address, tmp_path, content, message):
-    (tmp_path / "bad.jsonl").write_bytes(content)
-    out = tmp_path / "ds"
-    result = run_slm(
-        "prepare",
-        str(tmp_path / "bad.jsonl"),
-        "--tokenizer",
-        TOKENIZER,
-        "--seq-len",
-        "16",
-        "--out",
-        str(out),
-        "--no-progress",
-        check=False,
-    )
+BAD_RECORDS = [
+    (b'{"text": "fine"}\n{"text": oops}\n', "bad.jsonl:2: malformed JSON"),
+    (b'{"text": "fine"}\n{"body": "x"}\n', "bad.jsonl:2: missing text field"),
+    (b'{"text": "fine"}\n{"text": "\xff"}\n', "bad.jsonl:2: invalid UTF-8"),
+    (b'{"text": ""}\n', "bad.jsonl:1: empty document"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_record_runs(ray_address, tmp_path_factory) -> dict[bytes, tuple[subprocess.CompletedProcess, Path]]:
+    """`slm prepare` of each bad file, the four at once: file content → (the result, its --out)."""
+    commands, outs = {}, {}
+    for content, _ in BAD_RECORDS:
+        root = tmp_path_factory.mktemp("bad")
+        (root / "bad.jsonl").write_bytes(content)
+        outs[content] = root / "ds"
+        commands[content] = [
+            "prepare", str(root / "bad.jsonl"), "--tokenizer", TOKENIZER, "--seq-len", "16",
+            "--out", str(outs[content]), "--no-progress",
+        ]  # fmt: skip
+    results = run_slm_each(commands)
+    return {content: (results[content], outs[content]) for content in commands}
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_RECORDS)
+def test_bad_record_fails_through_ray_with_one_line_and_no_manifest(bad_record_runs, content, message):
+    result, out = bad_record_runs[content]
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("slm prepare: error: ") and message in last_line

@@ -17,53 +17,16 @@ import pytest
 import torch
 
 from slm_pipeline.scoring.policies import keep_count
-from tests.conftest import run_slm
+from tests.conftest import copy_of, run_slm, run_slm_each
 from tests.models import load, naive_document_loss, save_tiny_llama
-
-TOKENIZER = "builtin:pydoc-bpe-4k"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_address) -> dict:
-    """A prepared dataset of several shards, a reference and a training model, both scored."""
-    root = tmp_path_factory.mktemp("scoring")
-    from slm_pipeline.data.embedded import python_docs, web_noise
-
-    corpus = root / "corpus.jsonl"
-    documents = [*python_docs()[:12], *web_noise()[:6]]
-    corpus.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in documents))
-    run_slm(
-        "prepare",
-        str(corpus),
-        "--tokenizer",
-        TOKENIZER,
-        "--seq-len",
-        "96",
-        "--shard-tokens",
-        str(96 * 12),
-        "--out",
-        str(root / "data"),
-        "--no-progress",
-    )
-    models = {
-        name: save_tiny_llama(root / name, seed=seed, max_positions=128)
-        for name, seed in (("ref_model", 0), ("trn_model", 1))
-    }
-    for name, model in (("ref", models["ref_model"]), ("trn", models["trn_model"])):
-        run_slm(
-            "score",
-            str(root / "data"),
-            "--model",
-            str(model),
-            "--name",
-            name,
-            "--batch-size",
-            "4",
-            "--actors",
-            "2",
-            "--no-progress",
-        )
-    return {"root": root, "data": root / "data", **models}
+def workspace(scored_dataset, tmp_path_factory) -> dict:
+    """The session's scored dataset (tests/conftest.py): several shards of 12 rows, a reference and a training
+    model, both scored by 2 actors (`ref`, `trn`), and `slm select --scorer reference --ratio 0.6 --name easy`.
+    A copy: these tests score and select into it."""
+    return {**scored_dataset, "data": copy_of(scored_dataset["data"], tmp_path_factory.mktemp("scoring"))}
 
 
 def read_arrow(paths) -> pa.Table:
@@ -169,33 +132,46 @@ def test_windowed_scoring_is_recorded_and_bounded_by_context(workspace):
     assert not np.allclose(np.array(windowed[0][60:]), np.array(full[0][60:]), atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize(
-    ("setup", "message"),
-    [
-        ("small_vocab", "its vocabulary has 100 tokens but the dataset's tokenizer"),
-        ("short_context", "its context is 64 tokens but rows hold up to 96; pass --window"),
-        ("nan_weights", "part-00000.arrow: row seq_id 0, position 1: loss is nan"),
-        ("no_manifest", "no manifest.json"),
-    ],
-)
-def test_score_refuses_bad_models_and_datasets(workspace, tmp_path, setup, message):
-    data, model = workspace["data"], workspace["ref_model"]
-    if setup == "small_vocab":
-        model = save_tiny_llama(tmp_path / "m", vocab_size=100)
-    elif setup == "short_context":
-        model = save_tiny_llama(tmp_path / "m", max_positions=64)
-    elif setup == "nan_weights":
-        broken = load(model)
-        with torch.no_grad():
-            broken.lm_head.weight[5, 0] = float("nan")
-        model = tmp_path / "m"
-        broken.save_pretrained(model)
-    else:
-        data = tmp_path / "empty"
-        data.mkdir()
-    result = run_slm("score", str(data), "--model", str(model), "--name", "bad", "--no-progress", check=False)
+BAD_SCORE_INPUTS = [
+    ("small_vocab", "its vocabulary has 100 tokens but the dataset's tokenizer"),
+    ("short_context", "its context is 64 tokens but rows hold up to 96; pass --window"),
+    ("nan_weights", "part-00000.arrow: row seq_id 0, position 1: loss is nan"),
+    ("no_manifest", "no manifest.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_score_runs(workspace, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """`slm score` of each bad model or dataset, the four at once, each under its own name:
+    setup → (the result, the score set it must not have finished)."""
+    commands, outs = {}, {}
+    for setup, _ in BAD_SCORE_INPUTS:
+        root = tmp_path_factory.mktemp(setup)
+        data, model = workspace["data"], workspace["ref_model"]
+        if setup == "small_vocab":
+            model = save_tiny_llama(root / "m", vocab_size=100)
+        elif setup == "short_context":
+            model = save_tiny_llama(root / "m", max_positions=64)
+        elif setup == "nan_weights":
+            broken = load(model)
+            with torch.no_grad():
+                broken.lm_head.weight[5, 0] = float("nan")
+            model = root / "m"
+            broken.save_pretrained(model)
+        else:
+            data = root / "empty"
+            data.mkdir()
+        commands[setup] = ["score", str(data), "--model", str(model), "--name", f"bad-{setup}", "--no-progress"]
+        outs[setup] = data / "scores" / f"bad-{setup}"
+    results = run_slm_each(commands)
+    return {setup: (results[setup], outs[setup]) for setup in commands}
+
+
+@pytest.mark.parametrize(("setup", "message"), BAD_SCORE_INPUTS)
+def test_score_refuses_bad_models_and_datasets(bad_score_runs, setup, message):
+    result, out = bad_score_runs[setup]
     assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-    assert not (data / "scores" / "bad" / "manifest.json").exists()
+    assert not (out / "manifest.json").exists()
 
 
 def stored(workspace, *names) -> list[list[np.ndarray]]:
@@ -219,10 +195,16 @@ def expected_row_mask(scores: np.ndarray, ratio: float) -> np.ndarray:
     return mask
 
 
-def test_excess_selection_per_row(workspace):
+@pytest.fixture(scope="module")
+def rho1(workspace) -> str:
+    """Rho-1's stored selection: 60% of each row's tokens by excess loss (read by the per-row and inspect tests)."""
     run_slm(
         "select", str(workspace["data"]), "--reference", "ref", "--training", "trn", "--ratio", "0.6", "--name", "rho1"
     )
+    return "rho1"
+
+
+def test_excess_selection_per_row(workspace, rho1):
     table, manifest = read_selection(workspace, "rho1")
     reference, training = stored(workspace, "ref", "trn")
     for excess, selected, ref, trn in zip(
@@ -233,7 +215,7 @@ def test_excess_selection_per_row(workspace):
     scorable = sum(int((~np.isnan(r)).sum()) for r in reference)
     assert manifest["scorable"] == scorable and manifest["scope"] == "sequence" and manifest["threshold"] is None
     assert manifest["selected_fraction"] == pytest.approx(0.6, abs=0.01)
-    assert set(manifest["by_source"]) == {str(workspace["root"] / "corpus.jsonl")}
+    assert set(manifest["by_source"]) == {str(workspace["corpus"])}
 
 
 def test_excess_selection_global_is_exact(workspace):
@@ -266,15 +248,19 @@ def test_excess_selection_global_is_exact(workspace):
 
 def test_reference_and_random_scorers(workspace):
     data = str(workspace["data"])
-    run_slm("select", data, "--scorer", "reference", "--reference", "ref", "--ratio", "0.5", "--name", "easy")
-    table, _ = read_selection(workspace, "easy")
+    table, _ = read_selection(workspace, "easy")  # the fixture's `slm select --scorer reference --ratio 0.6`
     [reference] = stored(workspace, "ref")
     for selected, ref in zip(table.column("selected").to_pylist(), reference, strict=True):
-        assert selected == expected_row_mask(-ref, 0.5).tolist()
+        assert selected == expected_row_mask(-ref, 0.6).tolist()
 
     masks = {}
-    for name, seed in (("r1", "1"), ("r1-again", "1"), ("r2", "2")):
-        run_slm("select", data, "--scorer", "random", "--ratio", "0.6", "--seed", seed, "--name", name)
+    seeds = {"r1": "1", "r1-again": "1", "r2": "2"}
+    runs = run_slm_each(  # three independent selections, at once
+        {name: ("select", data, "--scorer", "random", "--ratio", "0.6", "--seed", seed, "--name", name)
+         for name, seed in seeds.items()}
+    )  # fmt: skip
+    for name in seeds:
+        assert runs[name].returncode == 0, runs[name].stderr[-2000:]
         table, manifest = read_selection(workspace, name)
         masks[name] = table.column("selected").to_pylist()
         for selected, ref in zip(masks[name], reference, strict=True):
@@ -283,27 +269,15 @@ def test_reference_and_random_scorers(workspace):
     assert masks["r1"] == masks["r1-again"] and masks["r1"] != masks["r2"]
 
 
-def test_select_refuses_missing_and_mismatched_score_sets(workspace, tmp_path):
+def test_select_refuses_missing_and_mismatched_score_sets(workspace, batched_dataset):
     data = workspace["data"]
     missing = run_slm(
         "select", str(data), "--reference", "nope", "--training", "trn", "--ratio", "0.5", "--name", "x", check=False
     )
     assert missing.returncode == 1 and "no score set 'nope'" in missing.stderr
 
-    other = tmp_path / "other"
-    run_slm(
-        "prepare",
-        str(workspace["root"] / "corpus.jsonl"),
-        "--tokenizer",
-        TOKENIZER,
-        "--seq-len",
-        "64",
-        "--out",
-        str(other),
-        "--no-progress",
-    )
-    run_slm("score", str(other), "--model", str(workspace["ref_model"]), "--name", "foreign", "--no-progress")
-    (data / "scores" / "foreign").symlink_to(other / "scores" / "foreign")
+    # Another dataset's score set, as a user might copy it in by mistake.
+    (data / "scores" / "foreign").symlink_to(batched_dataset / "scores" / "ref")
     try:
         result = run_slm(
             "select",
@@ -323,9 +297,8 @@ def test_select_refuses_missing_and_mismatched_score_sets(workspace, tmp_path):
     assert result.returncode == 1 and "belong to another version of the dataset's tokens" in result.stderr
 
 
-def test_inspect_summarizes_scores_and_selections(workspace):
+def test_inspect_summarizes_scores_and_selections(workspace, rho1):
     data = workspace["data"]
-    run_slm("select", str(data), "--reference", "ref", "--training", "trn", "--ratio", "0.5", "--name", "seen")
     summary = json.loads(run_slm("inspect", str(data), "--json").stdout)
     manifest = json.loads((data / "manifest.json").read_text())
     assert (summary["rows"], summary["tokens"], summary["shards"]) == (
@@ -339,8 +312,8 @@ def test_inspect_summarizes_scores_and_selections(workspace):
         "mean_loss": ref["mean_loss"],
         "tokens_scored": ref["tokens_scored"],
     }
-    seen = summary["selections"]["seen"]
-    table, selection = read_selection(workspace, "seen")
+    seen = summary["selections"][rho1]
+    table, selection = read_selection(workspace, rho1)
     assert seen["selected_fraction"] == selection["selected_fraction"] and seen["by_source"] == selection["by_source"]
     excess = np.concatenate([np.asarray(x, dtype=np.float32) for x in table.column("excess_loss").to_pylist()])
     assert seen["excess_loss_percentiles"]["50"] == pytest.approx(float(np.nanpercentile(excess, 50)), rel=1e-5)
@@ -351,7 +324,7 @@ def test_inspect_summarizes_scores_and_selections(workspace):
     kept = np.concatenate([np.asarray(x) for x in table.column("selected").to_pylist()])
     scorable = ~np.isnan(excess)
     assert top["selected_rate"] == pytest.approx(kept[scorable & (ids == top["token_id"])].mean())
-    assert "selections/seen: excess, ratio 0.5, sequence" in run_slm("inspect", str(data)).stdout
+    assert "selections/rho1: excess, ratio 0.6, sequence" in run_slm("inspect", str(data)).stdout
 
 
 def test_inspect_row_shows_each_token_with_its_scores(workspace):

@@ -2,14 +2,14 @@
 
 Every expectation here comes from an independent read of the files (pyarrow's `read_all`,
 a dict seq_id → row) or from the schedule's formula, never from the code under test.
-The dataset is real (`slm prepare`, `slm score`, `slm select`) and is also read rewritten
+The dataset is real (prepared, scored and selected by the stages themselves: the session's `batched_dataset`,
+whose shards of 512 rows are two record batches each, so a step crosses batches and shards) and is also read rewritten
 with other record-batch layouts: small batches whose boundaries differ between tokens/ and
 each sidecar, and the big batches datasets had before issue 10.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,35 +22,19 @@ from slm_pipeline.data.shards import read_dataset_manifest
 from slm_pipeline.errors import SlmError
 from slm_pipeline.training import data
 from slm_pipeline.training.data import StepSchedule, TrainingRows
-from tests.conftest import run_slm
-from tests.models import save_tiny_llama
+from tests.conftest import BATCHED_SEQ_LEN
 
-SEQ_LEN = 256
-SHARD_TOKENS = 1 << 17  # 512 rows a shard: two record batches of 2^16 tokens, so a step crosses batches and shards
+SEQ_LEN = BATCHED_SEQ_LEN
 SIDECARS = {"tokens": "tokens", "scores": "scores/ref", "selection": "selections/easy"}
 OLD_BATCH_TOKENS = 1 << 20  # before issue 10: a whole shard in one record batch here
 COLUMN_FILES = {"input_ids": "tokens", "segment_lengths": "tokens", "loss": "scores/ref", "selected": "selections/easy"}
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_address) -> Path:
-    """149k tokens of the embedded corpus: 583 rows (the last one short) in shards of 512 and 71 rows, a reference
-    score set, a stored selection."""
-    root = tmp_path_factory.mktemp("data")
-    from slm_pipeline.data.embedded import python_docs, web_noise
-
-    corpus = [root / "docs.jsonl", root / "noise.jsonl"]  # two sources
-    for path, documents in zip(corpus, [python_docs()[:80], web_noise()[:20]], strict=True):
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    dataset = root / "data"
-    run_slm(
-        "prepare", *map(str, corpus), "--tokenizer", "builtin:pydoc-bpe-4k", "--seq-len", str(SEQ_LEN),
-        "--shard-tokens", str(SHARD_TOKENS), "--out", str(dataset), "--no-progress",
-    )  # fmt: skip
-    reference = save_tiny_llama(root / "reference", max_positions=SEQ_LEN)
-    run_slm("score", str(dataset), "--model", str(reference), "--name", "ref", "--batch-size", "16", "--no-progress")
-    run_slm("select", str(dataset), "--scorer", "reference", "--reference", "ref", "--ratio", "0.6", "--name", "easy")
-    return dataset
+def prepared(batched_dataset) -> Path:
+    """The session's batched dataset (tests/conftest.py): 583 rows in shards of 512 and 71 rows, a reference score
+    set, a stored selection. Read only; tests that damage it take a copy."""
+    return batched_dataset
 
 
 def rewrite(dataset: Path, out: Path, rows_per_batch: dict[str, int]) -> Path:

@@ -1,6 +1,6 @@
 """Sequence parallelism: rows split across ranks give what one process gets from whole rows — the model's
 hidden states and gradients (2 gloo ranks, documents across the split point), and whole training runs
-through Ray Train (clm, rho1 with global scope, FSDP); layouts it cannot split are refused before any work."""
+through Ray Train (rho1 with global scope, FSDP2); layouts it cannot split are refused before any work."""
 
 from __future__ import annotations
 
@@ -173,17 +173,13 @@ def test_a_model_that_mixes_positions_outside_attention_is_refused_on_every_rank
         assert "gives other hidden states when a row is split" in message, message
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"mode": "clm"}, {"mode": "rho1", "ratio": 0.6, "scope": "global", "fsdp": True}],
-    ids=["clm-replicated", "rho1-global-fsdp"],
-)
-def test_two_ray_workers_splitting_each_row_take_the_steps_of_one_process(dataset, tmp_path, options):
-    """The dataset's rows are packed with documents that cross the split point (half a row)."""
+def test_two_ray_workers_splitting_each_row_take_the_steps_of_one_process(dataset, tmp_path):
+    """The dataset's rows are packed with documents that cross the split point (half a row). Rho-1's global cut
+    over whole rows and FSDP2 over both ranks: the richest layout (split rows' arithmetic is `two_ranks`')."""
     common = dict(steps=2, rows_per_micro_batch=2, accumulation=2, activation_checkpointing=True)
-    one = {k: v for k, v in options.items() if k != "fsdp"}
-    train(config(dataset, tmp_path / "one", workers=0, **common, **one))
-    train(config(dataset, tmp_path / "two", workers=2, sequence_parallel=2, **common, **options))
+    mode = dict(mode="rho1", ratio=0.6, scope="global")
+    train(config(dataset, tmp_path / "one", workers=0, **common, **mode))
+    train(config(dataset, tmp_path / "two", workers=2, sequence_parallel=2, fsdp=True, **common, **mode))
     assert_same_steps(tmp_path / "one", tmp_path / "two")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -19,11 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 from slm_pipeline.config import TrainConfig, load_train_config
+from slm_pipeline.errors import SlmError
 from slm_pipeline.training.trainer import train
-from tests.conftest import run_slm
+from tests.conftest import copy_of, run_slm, run_slm_each
 from tests.models import HYBRID_ARCHITECTURE, naive_document_loss, save_tiny_llama
 
-TOKENIZER = "builtin:pydoc-bpe-4k"
 ARCHITECTURE = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -36,20 +37,10 @@ ARCHITECTURE = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_address) -> Path:
-    """The embedded corpus (a slice), a reference score set and a stored selection."""
-    root = tmp_path_factory.mktemp("training")
-    from slm_pipeline.data.embedded import python_docs, web_noise
-
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*python_docs()[:30], *web_noise()[:10]]))
-    data = root / "data"
-    run_slm("prepare", str(corpus), "--tokenizer", TOKENIZER, "--seq-len", "64", "--out", str(data), "--no-progress")
-    reference = save_tiny_llama(root / "reference", max_positions=128)
-    run_slm("score", str(data), "--model", str(reference), "--name", "ref", "--batch-size", "8", "--no-progress")
-    run_slm("select", str(data), "--scorer", "reference", "--reference", "ref", "--ratio", "0.6", "--name", "easy")
-    run_slm("select", str(data), "--scorer", "reference", "--reference", "ref", "--ratio", "0", "--name", "none")
-    return data
+def dataset(scored_dataset, tmp_path_factory) -> Path:
+    """The session's scored dataset (tests/conftest.py): the embedded corpus (a slice) in rows of 96, a reference
+    score set `ref` and stored selections `easy` (60%) and `none`; a copy, as the hybrid test scores into it."""
+    return copy_of(scored_dataset["data"], tmp_path_factory.mktemp("training"))
 
 
 def config(dataset: Path, out: Path, **overrides) -> TrainConfig:
@@ -132,18 +123,16 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_weights(dataset, 
 @pytest.mark.parametrize(
     ("fsdp", "mode_options"),
     [
-        (False, {"mode": "rho1", "scope": "global"}),
-        (True, {"mode": "rho1", "scope": "global"}),
+        (True, {"mode": "rho1", "scope": "global"}),  # the global cut across ranks; FSDP2
         (False, {"mode": "static", "selection": "easy"}),  # DDP; each rank's share of the mask differs
     ],
-    ids=["replicated-rho1-global", "fsdp-rho1-global", "replicated-static"],
+    ids=["fsdp-rho1-global", "replicated-static"],
 )
 def test_two_ray_workers_take_the_same_steps_as_one(dataset, tmp_path, fsdp, mode_options):
     common = dict(steps=2, **mode_options)
-    # One worker: a Ray Train worker for the replicated case, this process for FSDP (Ray's path is tested once).
-    # The same 4 rows a step: 1 worker × 2 micro-batches of 2, or 2 workers × 2 micro-batches of 1 (so each
-    # worker holds its gradient sync back for its first micro-batch).
-    train(config(dataset, tmp_path / "one", workers=0 if fsdp else 1, rows_per_micro_batch=2, accumulation=2, **common))
+    # One worker, in this process; two, Ray Train workers. The same 4 rows a step: 1 worker × 2 micro-batches of
+    # 2, or 2 workers × 2 micro-batches of 1 (so each worker holds its gradient sync back for its first one).
+    train(config(dataset, tmp_path / "one", workers=0, rows_per_micro_batch=2, accumulation=2, **common))
     two = dict(workers=2, rows_per_micro_batch=1, accumulation=2, fsdp=fsdp, **common)
     train(config(dataset, tmp_path / "two", save_every=1, **two))
     assert_same_steps(tmp_path / "one", tmp_path / "two")
@@ -214,33 +203,53 @@ def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp
     assert "samples/rows" in summary
 
 
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"learning_rat": 0.1}, "unknown config key 'learning_rat'"),
-        ({"mode": "rho1", "reference": None}, "mode rho1 needs `reference`"),
-        ({"mode": "rho1", "reference": "missing"}, "no score set 'missing'"),
-        ({"mode": "static", "selection": "nope"}, "selection: "),
-        ({"model": {**ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
-        ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
-        ({"attn_implementation": "flash_attention_2", "rows_per_micro_batch": 2}, "set rows_per_micro_batch: 1"),
-        ({"attn_implementation": "flex_attention"}, "flex_attention is for GPUs"),
-        ({"model": HYBRID_ARCHITECTURE}, "Qwen3_5GatedDeltaNet; difference"),
-        ({"model": HYBRID_ARCHITECTURE}, "document_isolation: per_document"),
-        ({"document_isolation": "sometimes"}, "document_isolation must be packed or per_document"),
-    ],
-)
-def test_bad_configs_fail_before_training(dataset, tmp_path, values, message):
-    path = tmp_path / "train.yaml"
-    base = {"data": str(dataset), "model": ARCHITECTURE, "out": str(tmp_path / "run"), "steps": 2}
+BAD_CONFIGS = [
+    ({"learning_rat": 0.1}, "unknown config key 'learning_rat'"),
+    ({"mode": "rho1", "reference": None}, "mode rho1 needs `reference`"),
+    ({"mode": "rho1", "reference": "missing"}, "no score set 'missing'"),
+    ({"mode": "static", "selection": "nope"}, "selection: "),
+    ({"model": {**ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
+    ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
+    ({"attn_implementation": "flash_attention_2", "rows_per_micro_batch": 2}, "set rows_per_micro_batch: 1"),
+    ({"attn_implementation": "flex_attention"}, "flex_attention is for GPUs"),
+    ({"model": HYBRID_ARCHITECTURE}, "Qwen3_5GatedDeltaNet; difference"),
+    ({"model": HYBRID_ARCHITECTURE}, "document_isolation: per_document"),
+    ({"document_isolation": "sometimes"}, "document_isolation must be packed or per_document"),
+]
+
+
+def write_config(root: Path, dataset: Path, values: dict, workers: int = 0) -> Path:
+    root.mkdir(exist_ok=True)
+    path = root / "train.yaml"
+    base = {"data": str(dataset), "model": ARCHITECTURE, "out": str(root / "run"), "steps": 2, "workers": workers}
     path.write_text(yaml.safe_dump({**base, **values}))
-    result = run_slm("train", str(path), check=False)
-    assert result.returncode == 1 and "slm train: error:" in result.stderr and message in result.stderr, result.stderr[
-        -1500:
-    ]
+    return path
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_CONFIGS)
+def test_bad_configs_fail_before_training(dataset, tmp_path, values, message):
+    """Through the train stage as `slm train` runs it, in this process (the command's own error line: below)."""
+    from slm_pipeline import jobs
+
+    with pytest.raises(SlmError, match=re.escape(message)):
+        jobs.STAGE_KINDS["train"].run(load_train_config(str(write_config(tmp_path, dataset, values))))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     if "attn_implementation" in values:  # refused by name before the model is built or the run created
         assert not (tmp_path / "run").exists()
+
+
+def test_slm_train_refuses_in_one_line_before_and_inside_ray_workers(dataset, tmp_path):
+    """A config refused while reading it, and a model refused by Ray Train's worker (the document probe): each
+    one `slm train: error:` line naming the cause, exit 1. (Around the worker's line, Ray forwards the worker's
+    own log of its exception to the driver's stderr, traceback included, and may flush it after our line.)"""
+    configs = {"key": {"learning_rat": 0.1}, "worker": {"model": HYBRID_ARCHITECTURE}}
+    paths = {name: write_config(tmp_path / name, dataset, values, workers=1) for name, values in configs.items()}
+    results = run_slm_each({name: ("train", str(path)) for name, path in paths.items()})
+    for name, message in (("key", "unknown config key 'learning_rat'"), ("worker", "Qwen3_5GatedDeltaNet")):
+        result = results[name]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("slm train: error: ")]
+        assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr[-1500:]
+    assert "Traceback" not in results["key"].stderr
 
 
 @pytest.mark.parametrize(
@@ -323,13 +332,15 @@ def test_a_hybrid_trains_and_scores_per_document_and_is_refused_packed(dataset, 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen3_5ForCausalLM"
 
-    refused = run_slm(
-        "score", str(dataset), "--model", str(checkpoint), "--name", "hybrid", "--no-progress", check=False
+    refusals = run_slm_each(  # packed, both commands at once
+        {
+            "score": ("score", str(dataset), "--model", str(checkpoint), "--name", "hybrid", "--no-progress"),
+            "eval": ("eval", str(run), str(dataset), "--no-probes", "--no-progress"),
+        }
     )
-    assert refused.returncode == 1 and "Qwen3_5GatedDeltaNet" in refused.stderr, refused.stderr[-2000:]
+    for refused in refusals.values():
+        assert refused.returncode == 1 and "Qwen3_5GatedDeltaNet" in refused.stderr, refused.stderr[-2000:]
     assert not (dataset / "scores" / "hybrid" / "manifest.json").exists()
-    refused = run_slm("eval", str(run), str(dataset), "--no-probes", "--no-progress", check=False)
-    assert refused.returncode == 1 and "Qwen3_5GatedDeltaNet" in refused.stderr, refused.stderr[-2000:]
 
     run_slm("score", str(dataset), "--model", str(run), "--name", "hybrid", "--batch-size", "4",
             "--document-isolation", "per_document", "--no-progress")  # fmt: skip
