@@ -159,6 +159,33 @@ def test_online_excess_long_equals_the_stored_one_while_the_model_does_not_move(
         assert differs.sum() <= 2
 
 
+@pytest.mark.parametrize("long_weight", [50.0])  # far from the default (1): the gain, not the excess, ranks
+def test_the_trainer_ranks_by_its_configured_short_and_long_weight(scored, tmp_path, long_weight):
+    """`slm train`'s own config keys: rho1 with `short` and `long_weight`, learning rate 0, every row in the one
+    step: the step's loss over the kept tokens is the stored losses' mean over the tokens that `slm select
+    --scorer excess-long` keeps with the same weight."""
+    from slm_pipeline.config import TrainConfig
+    from slm_pipeline.training.trainer import train
+
+    data = scored["data"]
+    name = f"w{long_weight}"
+    select(data, scorer="excess-long", reference="b-short", training="a-long", short="a-short",
+           long_weight=long_weight, ratio=0.4, name=name)  # fmt: skip
+    select(data, scorer="excess-long", reference="b-short", training="a-long", short="a-short", long_weight=1.0,
+           ratio=0.4, name="default-weight", overwrite=True)  # fmt: skip
+    rows = len(column(data / "tokens", "input_ids", np.int64))
+    train(TrainConfig(data=str(data), model=str(scored["a"]), out=str(tmp_path / "run"), mode="rho1",
+                      reference="b-short", short="a-short", long_weight=long_weight, ratio=0.4, learning_rate=0.0,
+                      warmup_steps=0, steps=1, rows_per_micro_batch=rows, heldout_rows=0, eval_every=0,
+                      wandb={"mode": "disabled"}))  # fmt: skip
+    (step,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kept = np.concatenate(column(data / "selections" / name, "selected", bool))
+    losses = np.concatenate(column(data / "scores" / "a-long", "loss"))
+    assert step["loss"] == pytest.approx(float(losses[kept].astype(np.float64).mean()), abs=2e-3)
+    by_default_weight = np.concatenate(column(data / "selections" / "default-weight", "selected", bool))
+    assert abs(float(losses[by_default_weight].mean()) - step["loss"]) > 0.02  # the weight moved the cut
+
+
 def test_inspect_shows_the_long_context_gain_by_position_and_what_is_kept_by_document_distance(scored):
     from slm_pipeline.scoring.loss import row_position_ids
 
