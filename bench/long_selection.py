@@ -30,15 +30,15 @@ from slm_pipeline.scoring.loss import row_position_ids  # noqa: E402
 
 def formulas(reference, training, short) -> dict[str, np.ndarray]:
     """Score of each formula for one row's tokens (higher = kept first); NaN where a loss is NaN."""
-    excess = training - reference
-    gain = short - training
+    excess = policies.excess_score(training, reference)
+    gain = policies.long_gain_score(short, training)
     return {
         "excess (Rho-1, mixed contexts)": excess,
         "excess-long W=1": policies.excess_long_score(training, reference, short, 1.0),
         "excess-long W=2": policies.excess_long_score(training, reference, short, 2.0),
         "unclipped sum W=1": excess + gain,
         "gain alone (scorer long)": gain,
-        "reference loss (easy first)": -reference,
+        "reference loss (easy first)": policies.reference_score(reference),
     }
 
 
