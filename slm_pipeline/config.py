@@ -299,6 +299,9 @@ class TrainConfig:
     """Checkpoint every this many steps (0: only at the end)."""
     workers: int = 0
     """Ray Train workers (DDP-style data parallel); 0 runs the same loop in this process."""
+    max_failures: int | None = None
+    """Worker or node failures Ray Train recovers from: it restarts the workers, which resume from the newest
+    complete checkpoint (default 3 with workers, -1: no limit; 0 in one process: nothing restarts it)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state across the workers (FSDP2), for models that do
     not fit one GPU; without it every worker holds the whole model (DDP-style)."""
@@ -375,6 +378,10 @@ class TrainConfig:
                 raise SlmError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise SlmError(f"workers must be 0 (one process) or more, got {self.workers}")
+        if self.max_failures is not None and self.max_failures < -1:
+            raise SlmError(f"max_failures must be -1 (no limit), 0 or more, got {self.max_failures}")
+        if self.workers == 0 and self.max_failures not in (None, 0):
+            raise SlmError("max_failures restarts Ray Train workers; in one process (workers: 0) nothing restarts it")
         if self.fsdp and self.workers < 1:
             raise SlmError("fsdp shards the model across Ray Train workers: set workers to 1 or more")
         if self.activation_offload and not self.activation_checkpointing:
@@ -384,6 +391,10 @@ class TrainConfig:
             )
         self._check_sequence_parallel()
         check_document_isolation(self.document_isolation, "document_isolation")
+
+    @property
+    def failures_allowed(self) -> int:
+        return self.max_failures if self.max_failures is not None else (3 if self.workers else 0)
 
     def _check_sequence_parallel(self) -> None:
         if self.sequence_parallel < 1:

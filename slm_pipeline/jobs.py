@@ -61,7 +61,11 @@ def _run_train(config: configs.TrainConfig) -> tuple[list[str], dict]:
 
     metrics = train(config)
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "loss_all", "heldout_loss") if k in metrics)
-    return [f"trained {config.out}: {shown}"], {"run": config.out, **metrics}
+    lines = [f"trained {config.out}: {shown}"]
+    if metrics.get("failures"):
+        steps = ", ".join(str(step) for step in metrics["resumed_from_steps"])
+        lines.append(f"  {metrics['failures']} failure(s): Ray Train restarted the workers, resumed from step {steps}")
+    return lines, {"run": config.out, **metrics}
 
 
 def _run_eval(config: configs.EvalConfig) -> tuple[list[str], dict]:
@@ -273,10 +277,14 @@ def job_client(address: str | None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from slm_pipeline.ray_runtime import answers, use_ray_token_if_available
+
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address.startswith(("http://", "https://")):
         raise SlmError("pass --address http://HOST:8265 (the Ray dashboard of the cluster), or set RAY_ADDRESS to it")
-    _use_ray_token_if_available()
+    if not answers(address):
+        raise SlmError(f"{address}: no Ray dashboard answers there; is the cluster up (`ray status` on its head)?")
+    use_ray_token_if_available()
     # Ray's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over its own argument; the address
     # given here must win (RAY_ADDRESS may name the cluster's GCS for `slm run`).
     os.environ["RAY_API_SERVER_ADDRESS"] = address
@@ -288,18 +296,6 @@ def job_client(address: str | None):
         ) from None
     except (ConnectionError, RuntimeError) as error:
         raise SlmError(f"{address}: cannot reach the Ray dashboard ({str(error).splitlines()[0]})") from None
-
-
-def _use_ray_token_if_available() -> None:
-    """Send the local Ray token (RAY_AUTH_TOKEN, ~/.ray/auth_token) as `ray start` does when it finds one:
-    Ray 2.5x clusters require it by default, and Ray's job client only sends it with RAY_AUTH_MODE=token."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def submit_job(path: str, address: str | None, out: str | None, overrides: list[str]) -> tuple[str, Job, list[str]]:

@@ -1,9 +1,23 @@
-"""Connecting to Ray: the cluster at RAY_ADDRESS (or the one a Ray Job runs in), else a local one."""
+"""Connecting to Ray: the cluster at RAY_ADDRESS (or the one a Ray Job runs in), a live cluster an earlier
+`ray start` left on this machine, else a local Ray of this command's own.
+
+Ray's own `ray.init()` joins the address recorded in its temp dir by `ray start --head` even when that
+cluster was killed, and then retries the dead address for about a quarter of an hour. Every address is
+probed here first, within seconds: a dead RAY_ADDRESS is one line naming it; a dead recorded address is
+ignored (with a note) and the command runs on a Ray of its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+
+from slm_pipeline.errors import SlmError
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long an address may take to accept a connection before it counts as gone."""
 
 
 def init_ray() -> None:
@@ -12,15 +26,117 @@ def init_ray() -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        local = not os.environ.get("RAY_ADDRESS")
+        # A cluster with token authentication needs RAY_AUTH_MODE=token here, as for any Ray driver: enabling
+        # it for a cluster without would make this driver's actors die as they start.
+        address = choose_address()
         ray.init(
-            # ray.init() joins RAY_ADDRESS when set; the local dashboard would only cost start-up time.
-            include_dashboard=False if local else None,
+            address=address,
+            # Only a local Ray of our own starts a dashboard: it would cost start-up time and a port.
+            include_dashboard=False if address == "local" else None,
             logging_level=logging.WARNING,
         )
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Every error Ray Data logs (with a full stack trace) also reaches the driver as an exception, which the
+    # stage reports as one line, recovers from (a lost worker) or raises.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     # Ray Data warns once that its bars are off; ours (tokens/s) replace them.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def choose_address() -> str:
+    """RAY_ADDRESS when it answers (else an SlmError); a cluster recorded by `ray start` on this machine
+    when it answers; else "local" (a Ray of this process's own)."""
+    from ray._private.utils import read_ray_address
+
+    named = os.environ.get("RAY_ADDRESS", "").strip()
+    if named and named != "auto":
+        if named != "local" and not answers(named):
+            raise SlmError(
+                f"no Ray cluster answers at {named} (RAY_ADDRESS) within {CONNECT_TIMEOUT_S:.0f} s: start it "
+                "(`ray start --head`), point RAY_ADDRESS at a live head, or unset RAY_ADDRESS to run on a local Ray"
+            )
+        return named
+    recorded = read_ray_address()
+    if recorded and answers(recorded):
+        return recorded
+    if named == "auto":
+        raise SlmError(
+            f"RAY_ADDRESS=auto: no live Ray cluster on this machine (recorded: {recorded or 'none'}); "
+            "start one with `ray start --head`, or unset RAY_ADDRESS to run on a local Ray"
+        )
+    if recorded:
+        print(
+            f"note: the Ray cluster recorded at {recorded} by an earlier `ray start` does not answer; "
+            "running on a local Ray of this command's own (`ray stop` clears the record)",
+            file=sys.stderr,
+        )
+    return "local"
+
+
+def answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether something accepts TCP connections at a Ray address (HOST:PORT, ray://HOST:PORT or a
+    dashboard's http(s)://HOST:PORT): a killed head refuses at once, an unreachable host counts as gone
+    after `timeout_s`."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is not a number
+        host = port = None
+    if not host or not port:
+        raise SlmError(
+            f"{address}: expected HOST:PORT (a head's GCS, e.g. ray-head:6379), ray://HOST:PORT or http://HOST:PORT"
+        )
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def use_ray_token_if_available() -> None:
+    """Send the local Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) to a dashboard as
+    `ray start` does when it finds one: Ray 2.5x clusters require it by default, and Ray's job client sends it
+    only with RAY_AUTH_MODE=token. The token itself is never read or printed here."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def lost_worker(error: BaseException):
+    """The Ray system failure behind `error` (a dead actor, worker, node or lost object), or None when the
+    error is anything else (a bad input, a bug: retrying would fail again)."""
+    from ray.exceptions import (
+        LocalRayletDiedError,
+        NodeDiedError,
+        ObjectLostError,
+        RayActorError,
+        RaySystemError,
+        WorkerCrashedError,
+    )
+
+    lost = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, LocalRayletDiedError, RaySystemError)
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, lost) and not getattr(current, "actor_init_failed", False):
+            return current
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return None
+
+
+def lost_worker_reason(lost: BaseException) -> str:
+    """One line on what was lost: Ray's "died because ..." line when it has one (its node died, it was killed)."""
+    lines = str(lost).splitlines() or [type(lost).__name__]
+    return next((line.strip() for line in lines if "because" in line), lines[0].strip())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 import warnings
 from collections import Counter
@@ -53,6 +54,8 @@ READ_BATCH_RECORDS = 512
 READ_BATCH_CHARS = 8 << 20
 SKIP_EXAMPLES_KEPT = 10
 PROGRESS_DIR = ".prepare"
+ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
+"""Lost Ray workers in a row, with no shard completed between, before prepare gives up."""
 
 
 @dataclass
@@ -169,14 +172,46 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
             shutil.rmtree(out / derived, ignore_errors=True)
 
     journal = _Journal(out, dataset_fingerprint)
-    shards, stats, position = journal.resume()
-    writer = _ShardWriter(out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
-    packer = Packer(config.seq_len)
-    pending = PrepareStats()  # counts since the last completed shard
-
     from tqdm import tqdm
 
-    progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress, initial=stats.tokens)
+    progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress)
+    lost = _LostWorkers(out)
+    while True:  # one round per lost Ray worker (a tokenizer actor, a reader, a node): resumed from the journal
+        shards, stats, position = journal.resume()
+        progress.n = stats.tokens
+        progress.refresh()
+        try:
+            _pack(units, position, config, journal, shards, stats, progress)
+            break
+        except Exception as error:  # noqa: BLE001 (all but a lost worker are raised again at once)
+            lost.after(error, len(shards), units[min(position.unit, len(units) - 1)].path)
+    progress.close()
+    if stats.documents == 0:
+        raise SlmError(
+            f"no documents to pack: all {sum(stats.skipped.values())} records were skipped ({dict(stats.skipped)})"
+        )
+
+    manifest = _manifest(config, info, dataset_fingerprint, shards, stats)
+    validate("dataset-manifest", manifest, str(manifest_path))
+    write_json(manifest_path, manifest)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+    return _summary_from_manifest(config.out, manifest, time.perf_counter() - started, already_done=False)
+
+
+def _pack(
+    units: list[InputUnit],
+    position: Position,
+    config: PrepareConfig,
+    journal: _Journal,
+    shards: list[ShardInfo],
+    stats: PrepareStats,
+    progress,
+) -> None:
+    """Tokenize from `position` on and pack rows into shards after `shards`, recording each in the journal as it
+    completes; `shards` and `stats` grow in place."""
+    writer = _ShardWriter(journal.out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
+    packer = Packer(config.seq_len)
+    pending = PrepareStats()  # counts since the last completed shard
     for batch in _tokenized_batches(units, position, config):
         for key, source, token_ids, skip_reason, message in _records_of(batch):
             if skip_reason is not None:
@@ -194,23 +229,39 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
                     stats.merge(pending)
                     pending = PrepareStats()
             progress.update(len(token_ids) - offset)
-    progress.close()
-
     stats.merge(pending)
     if (last_row := packer.flush()) is not None and (shard := writer.add(last_row)):
         shards.append(shard)
     if shard := writer.close():
         shards.append(shard)
-    if stats.documents == 0:
-        raise SlmError(
-            f"no documents to pack: all {sum(stats.skipped.values())} records were skipped ({dict(stats.skipped)})"
-        )
 
-    manifest = _manifest(config, info, dataset_fingerprint, shards, stats)
-    validate("dataset-manifest", manifest, str(manifest_path))
-    write_json(manifest_path, manifest)
-    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-    return _summary_from_manifest(config.out, manifest, time.perf_counter() - started, already_done=False)
+
+class _LostWorkers:
+    """After a failed round: go on when a Ray worker was lost (its node died, its process was killed), at most
+    ROUNDS_WITHOUT_PROGRESS_ALLOWED times in a row without a shard completed between; else raise."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.shards = -1
+        self.rounds_without_progress = 0
+
+    def after(self, error: Exception, shards: int, reading: str) -> None:
+        from slm_pipeline.ray_runtime import lost_worker, lost_worker_reason
+
+        lost = lost_worker(error)
+        if lost is None:
+            raise error
+        self.rounds_without_progress = 0 if shards > self.shards else self.rounds_without_progress + 1
+        self.shards = shards
+        if self.rounds_without_progress > ROUNDS_WITHOUT_PROGRESS_ALLOWED:
+            raise SlmError(
+                f"{self.out}: Ray workers were lost {self.rounds_without_progress} times in a row with no shard "
+                f"completed between (reading {reading}); last: {lost_worker_reason(lost)}"
+            ) from None
+        print(
+            f"note: a Ray worker was lost ({lost_worker_reason(lost)}); going on from shard {shards}",
+            file=sys.stderr,
+        )
 
 
 def _records_of(batch) -> Iterator[tuple[tuple[int, int], str, np.ndarray | None, str | None, str | None]]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +48,10 @@ from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.training.checkpoint import model_directory
 
 DONE_DIR = ".done"
+ACTORS_DIR = "actors"
+"""Under DONE_DIR: ACTOR_ID.json names the shard that scorer is on, so a lost actor's shard is known."""
+SHARD_DEATHS_ALLOWED = 2
+ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -144,29 +150,36 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
     write_json(out / DONE_DIR / "plan.json", {"fingerprint": score_fingerprint})
 
     shard_names = [shard["name"] for shard in dataset_manifest["shards"]]
-    records = {name: _done_record(out, name) for name in shard_names}
-    todo = [name for name, record in records.items() if record is None]
-    tokens_total = dataset_manifest["tokens"]
-
     from tqdm import tqdm
 
-    progress = tqdm(
-        desc=f"score {config.name}", unit="tok", unit_scale=True, total=tokens_total, disable=not show_progress
-    )
-    progress.update(sum(record["tokens"] for record in records.values() if record))
+    total = dataset_manifest["tokens"]
+    progress = tqdm(desc=f"score {config.name}", unit="tok", unit_scale=True, total=total, disable=not show_progress)
     # Throughput counts from the first scored batch on: actor start-up and model loading are not scoring.
     first_update_at, tokens_after_first = None, 0
-    for update in _score_shards(todo, config, dataset):
-        if update["error"]:
-            raise SlmError(update["error"])
-        progress.update(update["tokens"])
-        if first_update_at is None:
-            first_update_at = time.perf_counter()
-        else:
-            tokens_after_first += update["tokens"]
-        if update["done"]:
-            records[update["shard"]] = _done_record(out, update["shard"])
-    progress.close()
+    recovery = _Recovery(out)
+    try:
+        while True:  # one round per loss of a scorer (its actor, worker or node): the next scores what is left
+            records = {name: _done_record(out, name) for name in shard_names}
+            todo = [name for name, record in records.items() if record is None]
+            progress.n = sum(record["tokens"] for record in records.values() if record)
+            progress.refresh()
+            try:
+                for update in _score_shards(todo, config, dataset):
+                    if update["error"]:
+                        raise SlmError(update["error"])
+                    progress.update(update["tokens"])
+                    if first_update_at is None:
+                        first_update_at = time.perf_counter()
+                    else:
+                        tokens_after_first += update["tokens"]
+                    if update["done"]:
+                        records[update["shard"]] = _done_record(out, update["shard"])
+                break
+            except Exception as error:  # noqa: BLE001 (all but a lost scorer are raised again at once)
+                recovery.after(error, finished=sum(record is not None for record in records.values()))
+    finally:
+        progress.close()
+        remove_temporary_files(out)  # what lost scorers had begun
     scoring_seconds = time.perf_counter() - first_update_at if first_update_at else 0.0
     tokens_per_s = tokens_after_first / scoring_seconds if tokens_after_first else None
 
@@ -205,6 +218,50 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
         seconds,
         tokens_per_s,
     )
+
+
+class _Recovery:
+    """What to do after a round of scoring failed: go on when a scorer was lost (its node died, its process was
+    killed) and the limits allow, else raise. A shard whose scorer dies SHARD_DEATHS_ALLOWED + 1 times is named
+    as the cause (out of host memory, a crash in native code); rounds that finish no shard are bounded too."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.deaths: dict[str, int] = {}
+        self.finished = -1
+        self.rounds_without_progress = 0
+        shutil.rmtree(out / DONE_DIR / ACTORS_DIR, ignore_errors=True)
+        (out / DONE_DIR / ACTORS_DIR).mkdir()
+
+    def after(self, error: Exception, finished: int) -> None:
+        from slm_pipeline.ray_runtime import lost_worker, lost_worker_reason
+
+        lost = lost_worker(error)
+        if lost is None:
+            raise error
+        what = lost_worker_reason(lost)
+        shard = self.shard_of(getattr(lost, "actor_id", None))
+        if shard is not None:
+            self.deaths[shard] = self.deaths.get(shard, 0) + 1
+            if self.deaths[shard] > SHARD_DEATHS_ALLOWED:
+                raise SlmError(
+                    f"{shard}: its scorer died {self.deaths[shard]} times while scoring it (out of host memory, "
+                    f"a crash in native code, or lost nodes); last: {what}. Try a smaller --batch-size or --window"
+                ) from None
+        self.rounds_without_progress = 0 if finished > self.finished else self.rounds_without_progress + 1
+        self.finished = finished
+        if self.rounds_without_progress > ROUNDS_WITHOUT_PROGRESS_ALLOWED:
+            raise SlmError(
+                f"{self.out}: scorers were lost {self.rounds_without_progress} times in a row with no shard finished "
+                f"between; last: {what}"
+            ) from None
+        where = f" scoring {shard}" if shard else ""
+        print(f"note: a scorer was lost{where} ({what}); scoring the unfinished shards again", file=sys.stderr)
+
+    def shard_of(self, actor_id: str | None) -> str | None:
+        """The shard the lost actor was scoring, from the note each scorer leaves as it starts one."""
+        path = self.out / DONE_DIR / ACTORS_DIR / f"{actor_id}.json"
+        return read_json(path)["shard"] if actor_id and path.exists() else None
 
 
 def _done_records_match(out: Path, fingerprint: str) -> bool:
@@ -251,7 +308,7 @@ def _score_shards(shards: list[str], config: ScoreConfig, dataset: Path) -> Iter
             compute=ray.data.ActorPoolStrategy(size=min(config.actors, len(shards))),
             num_gpus=1 if use_gpu else 0,
             num_cpus=1,
-            # A failed actor fails the run; the re-run skips the shards already done.
+            # A lost actor ends the round; score()'s next round scores what is left on the actors there are.
             max_restarts=0,
         )
     for batch in updates.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -262,12 +319,14 @@ class ShardScorer:
     """Ray actor holding one model; scores whole shards, streaming progress updates back."""
 
     def __init__(self, config: ScoreConfig, dataset: str) -> None:
+        import ray
         import torch
         from transformers.utils import logging as hf_logging
 
         from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
+        self.actor_id = ray.get_runtime_context().get_actor_id()
         self.config = config
         self.dataset = Path(dataset)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,6 +362,7 @@ class ShardScorer:
 
         reader = open_arrow_shard(self.dataset / "tokens" / shard, "tokens")
         out = self.dataset / "scores" / self.config.name
+        write_json(out / DONE_DIR / ACTORS_DIR / f"{self.actor_id}.json", {"shard": shard, "pid": os.getpid()})
         schema = scores_schema()
         validate("scores-shard", describe_arrow_schema(schema, "scores"), str(out / shard))
         rows = tokens = tokens_scored = 0

@@ -17,8 +17,9 @@ import torch
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, config, resume: bool) -> None:
+    def __init__(self, run_dir: Path, config, attempt: int, failures: int, resumed_from_step: int) -> None:
         self.path = run_dir / "metrics.jsonl"
+        resume = resumed_from_step > 0  # the user's --resume, or Ray Train's restart after a failure
         self.run = None
         if config.wandb.mode != "disabled":
             import wandb
@@ -38,6 +39,7 @@ class MetricsLogger:
                 id=_run_id(run_dir) if resume and online else None,
             )
             (run_dir / "wandb_run_id").write_text(self.run.id)
+            self.run.summary.update({"attempt": attempt, "failures": failures, "resumed_from_step": resumed_from_step})
 
     def log(self, metrics: dict, step: int) -> None:
         with open(self.path, "a") as file:

@@ -32,6 +32,15 @@ from slm_pipeline.errors import SlmError
 from slm_pipeline.evaluation.heldout import LossBySource
 from slm_pipeline.modeling import check_attention_kernel, load_causal_lm, require_document_isolation
 from slm_pipeline.scoring.loss import per_token_loss
+from slm_pipeline.training.attempts import (
+    ATTEMPTS_FILE,
+    REFUSAL_FILE,
+    attempts_since,
+    count_attempts,
+    read_refusal,
+    record_refusal,
+    start_attempt,
+)
 from slm_pipeline.training.checkpoint import (
     HELDOUT_FILE,
     latest_checkpoint,
@@ -222,7 +231,11 @@ class Trainer:
     prefetcher: StepPrefetcher
     logger: MetricsLogger | None
 
-    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: TrainConfig, rank: int = 0, world_size: int = 1, earlier_attempts: int | None = None
+    ) -> None:
+        """`earlier_attempts`: attempts.jsonl's lines before this `slm train` began (default: before this one);
+        the attempts after them that failed are this invocation's failures."""
         self.config, self.rank, self.world_size = config, rank, world_size
         self.run_dir = Path(config.out)
         dataset = Path(config.data)
@@ -231,7 +244,13 @@ class Trainer:
 
         self.device = _local_device()
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        checkpoint = latest_checkpoint(self.run_dir) if config.resume else None
+        # prepare_run_dir cleared a fresh start's checkpoints (or refused them), so any checkpoint here is
+        # this run's: from the user's --resume, or from an earlier attempt that Ray Train restarted.
+        checkpoint = latest_checkpoint(self.run_dir)
+        if rank == 0:
+            earlier = count_attempts(self.run_dir) if earlier_attempts is None else earlier_attempts
+            self.attempt = start_attempt(self.run_dir, checkpoint)
+            self.failures = self.attempt - earlier - 1
         # A resumed run loads its weights as any HF model directory (tied embeddings included).
         model_source = dataclasses.replace(config, model=str(checkpoint)) if checkpoint else config
         self.sharded = config.fsdp and world_size > 1
@@ -285,7 +304,7 @@ class Trainer:
         if rank == 0:  # lines past the checkpoint (or of an attempt that never reached one) are redone
             truncate_metrics(self.run_dir, self.step)
         self.prefetcher = StepPrefetcher(self.load_step, self.step, config.steps, pin=self.device.type == "cuda")
-        self.logger = MetricsLogger(self.run_dir, config, config.resume) if rank == 0 else None
+        self.logger = MetricsLogger(self.run_dir, config, self.attempt, self.failures, self.step) if rank == 0 else None
         self.tokenizer = None
 
     def train(self) -> dict:
@@ -359,6 +378,8 @@ class Trainer:
             "tokens_seen": self.counters["tokens"],
             "time/step_s": seconds,
         }
+        if self.rank == 0:
+            metrics["attempt"] = self.attempt
         if self.config.reference:
             metrics["reference_loss"] = sums["reference"] / scorable
             metrics["excess_loss"] = (sums["loss_all"] - sums["reference"]) / scorable
@@ -458,16 +479,24 @@ def _in_ray_train() -> bool:
 
 
 def _train_worker(loop_config: dict) -> None:
-    """Ray Train entry point: one Trainer per worker."""
+    """Ray Train entry point: one Trainer per worker. A restarted attempt resumes from the newest checkpoint;
+    one restarted after a worker's refusal ends at once (the driver reports the refusal)."""
     import ray.train
 
     context = ray.train.get_context()
-    config = TrainConfig(**loop_config)
-    Trainer(config, context.get_world_rank(), context.get_world_size()).train()
+    config = TrainConfig(**loop_config["config"])
+    if read_refusal(Path(config.out)):
+        return
+    try:
+        Trainer(config, context.get_world_rank(), context.get_world_size(), loop_config["earlier_attempts"]).train()
+    except SlmError as error:
+        record_refusal(Path(config.out), str(error))
+        raise
 
 
 def train(config: TrainConfig) -> dict:
-    """Train in this process (workers: 0) or on Ray Train; returns the last step's metrics."""
+    """Train in this process (workers: 0) or on Ray Train; returns the last step's metrics and this
+    invocation's attempts (`attempts`, `failures`, `resumed_from_steps`)."""
     # Ray workers run elsewhere: every path becomes absolute, and bad inputs fail here, before launch.
     config = dataclasses.replace(
         config,
@@ -475,6 +504,7 @@ def train(config: TrainConfig) -> dict:
         out=str(Path(config.out).resolve()),
         model=str(Path(model_directory(config.model)).resolve()) if isinstance(config.model, str) else config.model,
     )
+    run = Path(config.out)
     manifest = read_dataset_manifest(Path(config.data))
     check_sidecars(config, Path(config.data), manifest)
     check_model(config, manifest)
@@ -483,12 +513,25 @@ def train(config: TrainConfig) -> dict:
             config.attn_implementation, config.rows_per_micro_batch, _local_device(), "rows_per_micro_batch"
         )
         prepare_run_dir(config)
+        earlier_attempts = count_attempts(run)
         Trainer(config).train()
-        return last_metrics(Path(config.out))
+    else:
+        earlier_attempts = _train_on_ray(config)
+    attempts = attempts_since(run, earlier_attempts)
+    return {
+        **last_metrics(run),
+        "attempts": attempts.count,
+        "failures": attempts.failures,
+        "resumed_from_steps": attempts.resumed_from_steps,
+    }
 
+
+def _train_on_ray(config: TrainConfig) -> int:
+    """Run the loop on `workers` Ray Train workers, restarted after up to `max_failures` failures; returns
+    how many attempts the run had before this invocation."""
     import ray
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from slm_pipeline.ray_runtime import init_ray
@@ -500,32 +543,45 @@ def train(config: TrainConfig) -> dict:
         config.attn_implementation, config.rows_per_micro_batch, workers_device, "rows_per_micro_batch"
     )
     prepare_run_dir(config)
+    run = Path(config.out)
+    earlier_attempts = count_attempts(run)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=dataclasses.asdict(config),
+        train_loop_config={"config": dataclasses.asdict(config), "earlier_attempts": earlier_attempts},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
-        run_config=RunConfig(name="ray_train", storage_path=str(Path(config.out).resolve())),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=str(run),
+            failure_config=FailureConfig(max_failures=config.failures_allowed),
+        ),
     )
     try:
         trainer.fit()
-    except ray.train.WorkerGroupError as error:  # a worker's refusal (e.g. the document probe) reads as one line
-        if refusal := _worker_refusal(error):
+    except ray.train.WorkerGroupError as error:
+        if refusal := read_refusal(run):  # a worker's refusal (e.g. the document probe) reads as one line
             raise SlmError(refusal) from None
-        raise
-    return last_metrics(Path(config.out))
+        raise SlmError(_failure_line(config, error, attempts_since(run, earlier_attempts).count)) from None
+    if refusal := read_refusal(run):  # refused, then restarted: the restart ended at once
+        raise SlmError(refusal)
+    return earlier_attempts
 
 
-def _worker_refusal(error) -> str | None:
-    for failure in error.worker_failures.values():
-        for candidate in (failure, getattr(failure, "cause", None), failure.__cause__):
-            if isinstance(candidate, SlmError):
-                return str(candidate)
-    return None
+def _failure_line(config: TrainConfig, error, attempts: int) -> str:
+    """One line for a run whose workers failed more often than `max_failures` allows."""
+    failures = [getattr(failure, "health_check_failure", None) or failure for failure in error.worker_failures.values()]
+    reason = next((line.strip() for f in failures for line in str(f).splitlines() if line.strip()), "unknown")
+    checkpoint = latest_checkpoint(Path(config.out))
+    resume = f"`--resume` continues from {checkpoint.name}" if checkpoint else "no checkpoint was written yet"
+    return (
+        f"{config.out}: training failed after {attempts} attempt(s) (max_failures: {config.failures_allowed}); "
+        f"last failure: {reason}; {resume}"
+    )
 
 
 def prepare_run_dir(config: TrainConfig) -> None:
     """Create RUN; a fresh start clears what an earlier run left there (its checkpoints only with `overwrite`)."""
     run = Path(config.out)
+    (run / REFUSAL_FILE).unlink(missing_ok=True)  # a refusal answers one invocation
     if config.resume:
         run.mkdir(parents=True, exist_ok=True)
         return
@@ -535,7 +591,7 @@ def prepare_run_dir(config: TrainConfig) -> None:
             "or --set overwrite=true to start over (its checkpoints are removed)"
         )
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    for stale in ("metrics.jsonl", HELDOUT_FILE):
+    for stale in ("metrics.jsonl", HELDOUT_FILE, ATTEMPTS_FILE):
         (run / stale).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
 
