@@ -138,5 +138,9 @@ def lost_worker(error: BaseException):
 
 def lost_worker_reason(lost: BaseException) -> str:
     """One line on what was lost: Ray's "died because ..." line when it has one (its node died, it was killed)."""
+    from ray.exceptions import ActorUnavailableError
+
+    if isinstance(lost, ActorUnavailableError):  # Ray's own text is an RPC error several lines long
+        return "a Ray actor became unreachable (its process or its node is gone)"
     lines = str(lost).splitlines() or [type(lost).__name__]
     return next((line.strip() for line in lines if "because" in line), lines[0].strip())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,13 @@ class LocalCluster:
     def node_running(self, pid: int):
         parent = psutil.Process(pid).ppid()
         return next(n for n in self.cluster.worker_nodes if n.all_processes["raylet"][0].process.pid == parent)
+
+    def actor_processes(self, title: str) -> list[int]:
+        """The processes of this cluster's actors whose class is `title` (Ray titles an actor's process after it)."""
+        raylets = {n.all_processes["raylet"][0].process.pid for n in self.cluster.worker_nodes}
+        titled = psutil.process_iter(["pid", "ppid", "cmdline"])
+        return sorted(p.info["pid"] for p in titled
+                      if p.info["ppid"] in raylets and title in " ".join(p.info["cmdline"] or []))  # fmt: skip
 
     def remove_workers(self) -> None:
         for node in list(self.cluster.worker_nodes):
@@ -134,6 +142,38 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
         time.sleep(0.01)
 
 
+def test_prepare_finishes_after_losing_a_node_with_the_uninterrupted_shards(cluster, scored_dataset, tmp_path):
+    """Sixteen input files through two tokenizer actors on two nodes; the node of one dies once the first shard
+    is written (before the last): the shards are byte for byte those of an uninterrupted run."""
+    text = scored_dataset["corpus"].read_text()
+    inputs = []
+    for index in range(16):
+        inputs.append(tmp_path / f"input-{index:02d}.jsonl")
+        inputs[-1].write_text(text)
+    options = ["--tokenizer", TOKENIZER, "--seq-len", str(SEQ_LEN), "--shard-tokens", str(SEQ_LEN * 20)]
+    prepare(PrepareConfig([str(p) for p in inputs], TOKENIZER, SEQ_LEN, str(tmp_path / "uninterrupted"),
+                          shard_tokens=SEQ_LEN * 20), show_progress=False)  # fmt: skip
+    cluster.add_workers(2)
+    out = tmp_path / "survived"
+    try:
+        process = cluster.slm("prepare", *map(str, inputs), *options, "--out", str(out), "--workers", "2",
+                              "--no-progress")  # fmt: skip
+        wait_for(lambda: len(cluster.actor_processes("MapBatches(_Tokenize)")) == 2, process)
+        victim = cluster.node_running(cluster.actor_processes("MapBatches(_Tokenize)")[0])
+        wait_for(lambda: any((out / ".prepare").glob("part-*.json")), process)
+        assert not (out / "manifest.json").exists()
+        cluster.kill_node(victim)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        cluster.remove_workers()
+
+    assert process.returncode == 0, stderr[-3000:]
+    expected = shard_files(tmp_path / "uninterrupted" / "tokens")
+    assert len(expected) > 10 and shard_files(out / "tokens") == expected
+    manifests = [json.loads((run / "manifest.json").read_text()) for run in (out, tmp_path / "uninterrupted")]
+    assert manifests[0]["shards"] == manifests[1]["shards"] and manifests[0]["tokens"] == manifests[1]["tokens"]
+
+
 def test_score_finishes_after_losing_a_node_with_the_uninterrupted_scores(cluster, dataset, scorer):
     cluster.add_workers(3)
     try:
@@ -203,7 +243,7 @@ def test_training_resumes_by_itself_after_losing_a_node(cluster, dataset, scorer
     Ray Train restarts the workers, which resume from the checkpoint; losses and weights equal an uninterrupted
     run's (which ran on the session's Ray)."""
     train(train_config(dataset, tmp_path / "uninterrupted"))
-    config = train_config(dataset, tmp_path / "survived")
+    config = train_config(dataset, tmp_path / "survived", wandb={"mode": "offline", "project": "tests"})
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
     nodes = cluster.add_workers(2)
@@ -234,3 +274,36 @@ def test_training_resumes_by_itself_after_losing_a_node(cluster, dataset, scorer
     a = load_file(tmp_path / "uninterrupted" / "checkpoints" / "step-60" / "model.safetensors")
     b = load_file(tmp_path / "survived" / "checkpoints" / "step-60" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # W&B: each attempt its own offline run; the one that finished says it resumed after a failure.
+    summaries = [wandb_summary(log) for log in (tmp_path / "survived" / "wandb").glob("offline-run-*/run-*.wandb")]
+    [finished] = [record["summary"] for record in summaries if record["state"] == "finished"]
+    assert (finished["attempt"], finished["failures"], finished["resumed_from_step"]) == (2, 1, resumed)
+
+
+def wandb_summary(log: Path) -> dict:
+    """An offline W&B run read back with W&B's own inspector."""
+    inspected = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(log)],
+                               capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    return json.loads(inspected.stdout)
+
+
+def test_training_that_fails_more_often_than_allowed_says_where_to_resume(cluster, dataset, scorer, tmp_path):
+    config = train_config(dataset, tmp_path / "run", steps=100, max_failures=0)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    nodes = cluster.add_workers(2)
+    try:
+        process = cluster.slm("train", str(path))
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step-5").exists(), process)
+        cluster.kill_node(nodes[1])
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        cluster.remove_workers()
+
+    errors = [line for line in stderr.splitlines() if line.startswith("slm train: error: ")]
+    assert process.returncode == 1 and len(errors) == 1, stderr[-3000:]
+    assert f"{tmp_path / 'run'}: training failed after 1 attempt(s) (max_failures: 0); last failure: " in errors[0]
+    assert re.search(r"; `--resume` continues from step-\d+$", errors[0]), errors[0]
+    # The cause, not its echo in the surviving worker (a collective's "connection reset by peer").
+    assert re.search(r"last failure: (The actor died because its node has died|a Ray actor became unreachable)",
+                     errors[0]), errors[0]  # fmt: skip

@@ -31,11 +31,23 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+WORKER_PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+
+
 @pytest.fixture
 def ray_head():
-    """A Ray head with its dashboard at http://127.0.0.1:PORT; every process it started is stopped after."""
+    """A two-node Ray cluster: a head with its dashboard at http://127.0.0.1:PORT and a worker raylet that joined
+    it; every process they started is stopped after."""
     # A short temp dir: Ray's socket paths must fit in 107 bytes. It also marks every process of this head.
     temp_dir = tempfile.mkdtemp(prefix="slm-head-", dir="/tmp")
+    node_dir = tempfile.mkdtemp(prefix="slm-node-", dir="/tmp")
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client, node, objects = free_ports(9)
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"  # the job's `python`
@@ -78,10 +90,32 @@ def ray_head():
                 if head.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"no Ray head:\n{(Path(temp_dir) / 'head.log').read_text()}") from None
                 time.sleep(1)
+        # A second raylet joins the head: a two-node cluster (the job's driver runs on the head). A temp dir of
+        # its own, as a real node has: sharing the head's, its runtime-env agent would delete the job's
+        # working directory as unused.
+        worker_ports = free_ports(6)
+        token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists()
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                f"--address=127.0.0.1:{gcs}",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+                f"--temp-dir={node_dir}",
+                *(f"--{flag}={port}" for flag, port in zip(WORKER_PORT_FLAGS, worker_ports, strict=True)),
+            ],
+            # `ray start --head` turned token authentication on if a token exists; a joining node needs it said.
+            env={**environment, **({"RAY_AUTH_MODE": "token"} if token else {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         yield {"address": address, "temp_dir": temp_dir, "environment": environment}
     finally:
         head.send_signal(signal.SIGTERM)
-        ours = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        commands = ((p, " ".join(p.info["cmdline"] or [])) for p in psutil.process_iter(["cmdline"]))
+        ours = [p for p, command in commands if temp_dir in command or node_dir in command]
         for process in ours:
             process.kill()
         psutil.wait_procs(ours, timeout=30)
@@ -99,7 +133,9 @@ def slm(*args: str, cwd: Path, environment: dict, timeout: float = 300) -> subpr
     )
 
 
-def test_submit_a_job_to_a_real_head_then_follow_it_to_success(ray_head, tmp_path):
+def test_submit_a_job_lose_its_driver_then_resubmit_it_to_success(ray_head, tmp_path):
+    """A job is submitted, its driver killed mid-training (status FAILED, saying so; its log kept), and the same
+    job submitted again continues where it stopped: the finished stage skipped, training resumed."""
     from slm_pipeline.data.embedded import python_docs
 
     # A user's project directory: a job file and its data (relative paths travel with the working dir),
@@ -120,37 +156,77 @@ def test_submit_a_job_to_a_real_head_then_follow_it_to_success(ray_head, tmp_pat
                 "seq_len": 64,
                 "out": "{out}/data",
             },
+            "train": {
+                "run": "train",
+                "data": "{out}/data",
+                "model": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+                "out": "{out}/run",
+                "steps": 300,
+                "save_every": 5,
+                "heldout_rows": 2,
+                "eval_every": 0,
+                "log_samples_every": 0,
+                "wandb": {"mode": "disabled"},
+            },
             "report": {"run": "inspect", "dataset": "{out}/data"},
         },
-    }
+    }  # fmt: skip
     (project / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     out = tmp_path / "outputs"  # on a real cluster: storage every node sees
     environment = {**ray_head["environment"], "WANDB_API_KEY": SECRET}
+    address = ray_head["address"]
 
-    submitted = slm(
-        "submit", "job.yaml", "--address", ray_head["address"], "--out", str(out), cwd=project, environment=environment
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.split("as Ray Job ")[1].split(";")[0]
-    assert f"slm logs {job_id} --address {ray_head['address']} --follow" in submitted.stdout
+    def submit() -> tuple[subprocess.CompletedProcess, str]:
+        result = slm(
+            "submit", "job.yaml", "--address", address, "--out", str(out), cwd=project, environment=environment
+        )
+        assert result.returncode == 0, result.stderr
+        return result, result.stdout.split("as Ray Job ")[1].split(";")[0]
+
+    submitted, first = submit()
+    assert f"slm logs {first} --address {address} --follow" in submitted.stdout
     assert "WANDB_API_KEY" in submitted.stdout  # named as passed ...
 
-    logs = slm(
-        "logs", job_id, "--address", ray_head["address"], "--follow", cwd=project, environment=environment, timeout=600
-    )
-    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr[-3000:]
-    assert "job submitted finished" in logs.stdout
+    # The driver dies (as on a lost head process or an OOM kill) once training has checkpointed.
+    deadline = time.monotonic() + 300
+    while not (out / "run" / "checkpoints" / "step-5").exists():
+        assert time.monotonic() < deadline, slm(
+            "logs", first, "--address", address, cwd=project, environment=environment
+        ).stdout[-3000:]
+        time.sleep(0.05)
+    # The job's python process (its entrypoint runs under a shell, whose command line is one string).
+    [driver] = [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [])[-4:] == ["run", "job.yaml", "--out", str(out)]]  # fmt: skip
+    driver.kill()
+    while (
+        "FAILED"
+        not in (status := slm("status", first, "--address", address, cwd=project, environment=environment)).stdout
+    ):
+        assert time.monotonic() < deadline, status.stdout + status.stderr
+        time.sleep(1)
+    assert f"{first}: FAILED" in status.stdout and "exit code" in status.stdout, status.stdout
+    logs = slm("logs", first, "--address", address, cwd=project, environment=environment)
+    assert "[2/3] train: train" in logs.stdout and "job submitted finished" not in logs.stdout
+    assert not (out / "run" / "checkpoints" / "step-300").exists()  # it really was cut short
 
-    status = slm("status", job_id, "--address", ray_head["address"], cwd=project, environment=environment)
-    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    resubmitted, second = submit()
+    followed = slm("logs", second, "--address", address, "--follow", cwd=project, environment=environment, timeout=600)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    assert "job submitted finished" in followed.stdout
+    assert "finished earlier" in followed.stdout.split("[2/3]")[0]  # the data stage, skipped
+    attempts = [json.loads(line) for line in (out / "run" / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= 5  # trained on from its checkpoint
+    status = slm("status", second, "--address", address, cwd=project, environment=environment)
+    assert status.returncode == 0 and f"{second}: SUCCEEDED" in status.stdout
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["documents"] == 8 and manifest["rows"] > 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["stages"]) == ["data", "report"]
+    assert list(results["stages"]) == ["data", "train", "report"]
 
     # ... and passed, but never printed by any command.
-    for result in (submitted, logs, status):
+    for result in (submitted, logs, resubmitted, followed, status):
         assert SECRET not in result.stdout + result.stderr
     # Read back in a separate process that prints only whether the value arrived. RAY_ADDRESS (the
     # session's Ray) stays set there: the given --address must win over it.
@@ -160,7 +236,7 @@ def test_submit_a_job_to_a_real_head_then_follow_it_to_success(ray_head, tmp_pat
         "print(info.runtime_env['env_vars'].get('WANDB_API_KEY') == os.environ['WANDB_API_KEY'])"
     )
     passed = subprocess.run(
-        [sys.executable, "-c", check, ray_head["address"], job_id],
+        [sys.executable, "-c", check, address, second],
         env={**environment, "RAY_ADDRESS": "127.0.0.1:1"},
         capture_output=True,
         text=True,

@@ -171,8 +171,12 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
         for derived in ("scores", "selections"):  # they describe the old tokens
             shutil.rmtree(out / derived, ignore_errors=True)
 
-    journal = _Journal(out, dataset_fingerprint)
     from tqdm import tqdm
+
+    from slm_pipeline.ray_runtime import init_ray
+
+    init_ray()  # before anything is written: a cluster that does not answer leaves nothing behind
+    journal = _Journal(out, dataset_fingerprint)
 
     progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress)
     lost = _LostWorkers(out)
@@ -370,9 +374,6 @@ def _tokenized_batches(units: list[InputUnit], start: Position, config: PrepareC
     import ray
     import ray.data
 
-    from slm_pipeline.ray_runtime import init_ray
-
-    init_ray()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     tasks = [{"unit": i, "start": start.record if i == start.unit else 0} for i in range(start.unit, len(units))]
     if not tasks:

@@ -143,6 +143,9 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
             None,
             already_done=True,
         )
+    from slm_pipeline.ray_runtime import init_ray
+
+    init_ray()  # before anything is written: a cluster that does not answer leaves nothing behind
     if config.overwrite or not _done_records_match(out, score_fingerprint):
         shutil.rmtree(out, ignore_errors=True)
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
@@ -288,9 +291,6 @@ def _score_shards(shards: list[str], config: ScoreConfig, dataset: Path) -> Iter
     import ray
     import ray.data
 
-    from slm_pipeline.ray_runtime import init_ray
-
-    init_ray()
     # Updates come back in shard order, so the first problem reported is the first in the
     # dataset whatever the actors' timing.
     ray.data.DataContext.get_current().execution_options.preserve_order = True

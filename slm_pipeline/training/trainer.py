@@ -567,14 +567,20 @@ def _train_on_ray(config: TrainConfig) -> int:
 
 
 def _failure_line(config: TrainConfig, error, attempts: int) -> str:
-    """One line for a run whose workers failed more often than `max_failures` allows."""
-    failures = [getattr(failure, "health_check_failure", None) or failure for failure in error.worker_failures.values()]
-    reason = next((line.strip() for f in failures for line in str(f).splitlines() if line.strip()), "unknown")
+    """One line for a run whose workers failed more often than `max_failures` allows. A lost worker (its process
+    or node: Ray's "died because ..." line) is named before the errors it caused in the others (a collective's
+    "connection reset by peer"); else the last line of a worker's exception."""
+    from slm_pipeline.ray_runtime import lost_worker_reason
+
+    failures = list(error.worker_failures.values())
+    lost = [lost_worker_reason(f.health_check_failure) for f in failures if getattr(f, "health_check_failure", None)]
+    raised = [lines[-1].strip() for f in failures if (lines := [line for line in str(f).splitlines() if line.strip()])]
+    reasons = lost + raised
     checkpoint = latest_checkpoint(Path(config.out))
     resume = f"`--resume` continues from {checkpoint.name}" if checkpoint else "no checkpoint was written yet"
     return (
         f"{config.out}: training failed after {attempts} attempt(s) (max_failures: {config.failures_allowed}); "
-        f"last failure: {reason}; {resume}"
+        f"last failure: {reasons[0] if reasons else 'unknown'}; {resume}"
     )
 
 
