@@ -40,8 +40,10 @@ def test_a_dead_ray_address_is_one_line_and_a_stale_record_is_passed_over(tmp_pa
         started = time.monotonic()
         results = run_slm_each({"named": (*prepare, "--out", str(tmp_path / "named"))}, timeout=120)
         named_seconds = time.monotonic() - started
+        os.environ["RAY_ADDRESS"] = "auto"  # only a live recorded cluster will do
+        results |= run_slm_each({"auto": (*prepare, "--out", str(tmp_path / "auto"))}, timeout=120)
         del os.environ["RAY_ADDRESS"]
-        results |= run_slm_each({"stale": (*prepare, "--out", str(tmp_path / "stale"))}, timeout=300)
+        results |= run_slm_each({"stale": (*prepare, "--out", str(tmp_path / "stale"))}, timeout=120)
     finally:
         os.environ.clear()
         os.environ.update(environment)
@@ -54,7 +56,13 @@ def test_a_dead_ray_address_is_one_line_and_a_stale_record_is_passed_over(tmp_pa
         "--head`), point RAY_ADDRESS at a live head, or unset RAY_ADDRESS to run on a local Ray"
     )
     assert "Traceback" not in failed.stderr and named_seconds < 60
-    assert not (tmp_path / "named" / "manifest.json").exists()
+    assert not (tmp_path / "named").exists()  # Ray is joined before anything is written
+
+    auto = results["auto"]
+    assert auto.returncode == 1 and auto.stderr.strip().splitlines()[-1] == (
+        f"slm prepare: error: RAY_ADDRESS=auto: no live Ray cluster on this machine (recorded: {stale}); start one "
+        "with `ray start --head`, or unset RAY_ADDRESS to run on a local Ray"
+    )
 
     passed = results["stale"]
     assert passed.returncode == 0, passed.stderr[-2000:]

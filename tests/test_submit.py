@@ -216,7 +216,10 @@ def test_submit_a_job_lose_its_driver_then_resubmit_it_to_success(ray_head, tmp_
     assert "job submitted finished" in followed.stdout
     assert "finished earlier" in followed.stdout.split("[2/3]")[0]  # the data stage, skipped
     attempts = [json.loads(line) for line in (out / "run" / "attempts.jsonl").read_text().splitlines()]
-    assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= 5  # trained on from its checkpoint
+    assert len(attempts) == 2 and (resumed := attempts[1]["resumed_from_step"]) >= 5  # on from its checkpoint
+    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 301))  # each step once: those past it redone
+    assert [line["attempt"] for line in lines] == [1] * resumed + [2] * (300 - resumed)
     status = slm("status", second, "--address", address, cwd=project, environment=environment)
     assert status.returncode == 0 and f"{second}: SUCCEEDED" in status.stdout
 
@@ -255,3 +258,9 @@ def test_submit_without_a_dashboard_address_says_how_to_give_one(tmp_path):
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = slm("status", "raysubmit_x", cwd=tmp_path, environment=environment)
     assert result.returncode == 1 and "--address http://HOST:8265" in result.stderr
+    [port] = free_ports(1)  # nothing listens there: one line, not a wait
+    dead = f"http://127.0.0.1:{port}"
+    result = slm("status", "raysubmit_x", "--address", dead, cwd=tmp_path, environment=environment)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"slm status: error: {dead}: no Ray dashboard answers there; is the cluster up (`ray status` on its head)?"
+    )

@@ -166,6 +166,9 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     if finished := finished_manifest(manifest_path, dataset_fingerprint, config.overwrite, conflict):
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         return _summary_from_manifest(config.out, finished, time.perf_counter() - started)
+    from slm_pipeline.ray_runtime import init_ray
+
+    init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
     if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()
         for derived in ("scores", "selections"):  # they describe the old tokens
@@ -173,9 +176,6 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
 
     from tqdm import tqdm
 
-    from slm_pipeline.ray_runtime import init_ray
-
-    init_ray()  # before anything is written: a cluster that does not answer leaves nothing behind
     journal = _Journal(out, dataset_fingerprint)
 
     progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress)

@@ -201,6 +201,7 @@ def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp
     assert summary["loss"] == pytest.approx(lines[-1]["loss"]) and summary["heldout_loss"] > 0
     assert summary["reference_loss"] > 0 and "excess_loss" in summary and "samples/excess_loss" in summary
     assert "samples/rows" in summary
+    assert (summary["attempt"], summary["failures"], summary["resumed_from_step"]) == (1, 0, 0)
 
 
 BAD_CONFIGS = [
@@ -210,6 +211,8 @@ BAD_CONFIGS = [
     ({"mode": "static", "selection": "nope"}, "selection: "),
     ({"model": {**ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
     ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
+    ({"max_failures": 2}, "max_failures restarts Ray Train workers; in one process (workers: 0) nothing restarts it"),
+    ({"max_failures": -2}, "max_failures must be -1 (no limit), 0 or more, got -2"),
     ({"attn_implementation": "flash_attention_2", "rows_per_micro_batch": 2}, "set rows_per_micro_batch: 1"),
     ({"attn_implementation": "flex_attention"}, "flex_attention is for GPUs"),
     ({"model": HYBRID_ARCHITECTURE}, "Qwen3_5GatedDeltaNet; difference"),
@@ -250,6 +253,8 @@ def test_slm_train_refuses_in_one_line_before_and_inside_ray_workers(dataset, tm
         errors = [line for line in result.stderr.splitlines() if line.startswith("slm train: error: ")]
         assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr[-1500:]
     assert "Traceback" not in results["key"].stderr
+    # Refused once: the attempt Ray Train restarts after the refusal ends before building anything.
+    assert len((tmp_path / "worker" / "run" / "attempts.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
