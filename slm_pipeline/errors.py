@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class SlmError(Exception):
     """A problem the user can fix; the CLI prints the message alone, without a traceback."""
@@ -23,8 +25,9 @@ class InputError(SlmError):
         self.reason = reason
 
 
-def find_slm_error(error: BaseException) -> SlmError | None:
-    """The SlmError behind `error`, unwrapping what Ray adds around exceptions raised in tasks."""
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception behind it, once each: causes, contexts, and the `.cause` Ray gives the errors
+    it wraps around exceptions raised in tasks."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
     while stack:
@@ -32,10 +35,16 @@ def find_slm_error(error: BaseException) -> SlmError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+
+
+def find_slm_error(error: BaseException) -> SlmError | None:
+    """The SlmError behind `error`, unwrapping what Ray adds around exceptions raised in tasks."""
+    for current in exception_chain(error):
         if isinstance(current, SlmError):
             # Ray's RayTaskError(InputError) subclasses InputError but its str() is a traceback;
             # the original exception is its `.cause`.
             cause = getattr(current, "cause", None)
             return cause if isinstance(cause, SlmError) else current
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
     return None

@@ -14,10 +14,12 @@ import os
 import socket
 import sys
 
-from slm_pipeline.errors import SlmError
+from slm_pipeline.errors import SlmError, exception_chain
 
 CONNECT_TIMEOUT_S = 10.0
 """How long an address may take to accept a connection before it counts as gone."""
+ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
+"""Lost Ray workers in a row, with nothing completed between, before a stage that runs in rounds gives up."""
 
 
 def init_ray() -> None:
@@ -123,17 +125,33 @@ def lost_worker(error: BaseException):
     )
 
     lost = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, LocalRayletDiedError, RaySystemError)
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, lost) and not getattr(current, "actor_init_failed", False):
-            return current
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
-    return None
+    return next(
+        (e for e in exception_chain(error) if isinstance(e, lost) and not getattr(e, "actor_init_failed", False)),
+        None,
+    )
+
+
+class LostWorkers:
+    """A stage that runs in rounds of Ray work, each going on from what the last one completed: after a failed
+    round, `lost` gives the lost worker behind the failure (any other error is raised again) and `stalled` says
+    whether more than ROUNDS_WITHOUT_PROGRESS_ALLOWED rounds in a row lost one with no progress between."""
+
+    def __init__(self) -> None:
+        self.progress = -1
+        self.rounds_without_progress = 0
+
+    def lost(self, error: Exception, progress: int) -> BaseException:
+        """The lost worker behind `error`; `progress`: what the stage has completed (shards)."""
+        lost = lost_worker(error)
+        if lost is None:
+            raise error
+        self.rounds_without_progress = 0 if progress > self.progress else self.rounds_without_progress + 1
+        self.progress = progress
+        return lost
+
+    @property
+    def stalled(self) -> bool:
+        return self.rounds_without_progress > ROUNDS_WITHOUT_PROGRESS_ALLOWED
 
 
 def lost_worker_reason(lost: BaseException) -> str:

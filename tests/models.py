@@ -6,6 +6,17 @@ from pathlib import Path
 
 import torch
 
+LLAMA_ARCHITECTURE = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+"""tiny_llama's shape as a training config's `model:` (trained from scratch, seeded by the run)."""
+
 
 def tiny_llama(vocab_size: int = 4096, max_positions: int = 1024, seed: int = 0, **overrides):
     """A tiny Llama (2 layers, hidden 32, 4 heads of 8, 2 KV heads), seeded; `overrides` go to its config

@@ -27,18 +27,9 @@ from slm_pipeline.data.prepare import prepare
 from slm_pipeline.scoring.score import score
 from slm_pipeline.training.trainer import train
 from tests.conftest import TOKENIZER
-from tests.models import tiny_llama
+from tests.models import LLAMA_ARCHITECTURE, tiny_llama
 
 SEQ_LEN = 96
-ARCHITECTURE = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
 
 
 class LocalCluster:
@@ -132,6 +123,14 @@ def scorer(dataset) -> Path:
 
 def shard_files(scores: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(scores.glob("part-*.arrow"))}
+
+
+def error_lines(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"slm {command}: error: ")]
+
+
+def newest_checkpoint_step(run: Path) -> int:
+    return max(int(path.name.removeprefix("step-")) for path in (run / "checkpoints").glob("step-*"))
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -239,7 +238,7 @@ def test_a_shard_that_keeps_killing_its_scorer_ends_the_run_naming_it(cluster, d
         process.kill()
         cluster.remove_workers()
 
-    errors = [line for line in stderr.splitlines() if line.startswith("slm score: error: ")]
+    errors = error_lines(stderr, "score")
     assert process.returncode == 1 and len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith(f"slm score: error: {poison}: its scorer died 3 times while scoring it"), errors
     assert len(killed) == 4 and innocent is None and "Traceback" not in stderr
@@ -249,7 +248,7 @@ def test_a_shard_that_keeps_killing_its_scorer_ends_the_run_naming_it(cluster, d
 
 
 def train_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(data=str(dataset), model=ARCHITECTURE, out=str(out), steps=60, save_every=5, workers=2,
+    values = dict(data=str(dataset), model=LLAMA_ARCHITECTURE, out=str(out), steps=60, save_every=5, workers=2,
                   rows_per_micro_batch=1, accumulation=2, mode="rho1", reference="uninterrupted", learning_rate=3e-3,
                   eval_every=0, log_samples_every=0, heldout_rows=4, wandb={"mode": "disabled"})  # fmt: skip
     return TrainConfig(**{**values, **overrides})
@@ -269,7 +268,7 @@ def test_training_resumes_by_itself_after_losing_a_node(cluster, dataset, scorer
         # Past a checkpoint, so the steps logged since are dropped and redone.
         wait_for(lambda: last_step(tmp_path / "survived") % 5 and last_step(tmp_path / "survived") > 5, process)
         cluster.kill_node(nodes[1])
-        newest = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "survived" / "checkpoints").glob("step-*"))
+        newest = newest_checkpoint_step(tmp_path / "survived")
         cluster.add_workers(1)
         stdout, stderr = process.communicate(timeout=300)
     finally:
@@ -326,10 +325,10 @@ def test_training_that_fails_more_often_than_allowed_says_where_to_resume(cluste
         process.kill()
         cluster.remove_workers()
 
-    errors = [line for line in stderr.splitlines() if line.startswith("slm train: error: ")]
+    errors = error_lines(stderr, "train")
     assert process.returncode == 1 and len(errors) == 1, stderr[-3000:]
     assert f"{tmp_path / 'run'}: training failed after 1 attempt(s) (max_failures: 0); last failure: " in errors[0]
-    newest = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    newest = newest_checkpoint_step(tmp_path / "run")
     assert errors[0].endswith(f"; `--resume` continues from step-{newest}"), errors[0]
     # The cause, not its echo in the surviving worker (a collective's "connection reset by peer").
     assert re.search(r"last failure: (The actor died because its node has died|a Ray actor became unreachable)",

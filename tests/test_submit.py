@@ -18,6 +18,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.models import LLAMA_ARCHITECTURE
+
 SECRET = "slm-test-secret-4f1c9a77e2"
 
 
@@ -159,8 +161,7 @@ def test_submit_a_job_lose_its_driver_then_resubmit_it_to_success(ray_head, tmp_
             "train": {
                 "run": "train",
                 "data": "{out}/data",
-                "model": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+                "model": {**LLAMA_ARCHITECTURE, "max_position_embeddings": 64},
                 "out": "{out}/run",
                 "steps": 300,
                 "save_every": 5,

@@ -48,14 +48,13 @@ from slm_pipeline.data.shards import (
 )
 from slm_pipeline.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 from slm_pipeline.errors import InputError, SlmError, find_slm_error
+from slm_pipeline.ray_runtime import LostWorkers, init_ray, lost_worker_reason
 from slm_pipeline.schemas import FORMAT_VERSION, validate
 
 READ_BATCH_RECORDS = 512
 READ_BATCH_CHARS = 8 << 20
 SKIP_EXAMPLES_KEPT = 10
 PROGRESS_DIR = ".prepare"
-ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
-"""Lost Ray workers in a row, with no shard completed between, before prepare gives up."""
 
 
 @dataclass
@@ -166,8 +165,6 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     if finished := finished_manifest(manifest_path, dataset_fingerprint, config.overwrite, conflict):
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         return _summary_from_manifest(config.out, finished, time.perf_counter() - started)
-    from slm_pipeline.ray_runtime import init_ray
-
     init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
     if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()
@@ -179,7 +176,7 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     journal = _Journal(out, dataset_fingerprint)
 
     progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress)
-    lost = _LostWorkers(out)
+    rounds = LostWorkers()
     while True:  # one round per lost Ray worker (a tokenizer actor, a reader, a node): resumed from the journal
         shards, stats, position = journal.resume()
         progress.n = stats.tokens
@@ -188,7 +185,13 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
             _pack(units, position, config, journal, shards, stats, progress)
             break
         except Exception as error:  # noqa: BLE001 (all but a lost worker are raised again at once)
-            lost.after(error, len(shards), units[min(position.unit, len(units) - 1)].path)
+            what = lost_worker_reason(rounds.lost(error, len(shards)))
+            if rounds.stalled:
+                raise SlmError(
+                    f"{out}: Ray workers were lost {rounds.rounds_without_progress} times in a row with no shard "
+                    f"completed between (reading {units[min(position.unit, len(units) - 1)].path}); last: {what}"
+                ) from None
+            print(f"note: a Ray worker was lost ({what}); going on from shard {len(shards)}", file=sys.stderr)
     progress.close()
     if stats.documents == 0:
         raise SlmError(
@@ -238,34 +241,6 @@ def _pack(
         shards.append(shard)
     if shard := writer.close():
         shards.append(shard)
-
-
-class _LostWorkers:
-    """After a failed round: go on when a Ray worker was lost (its node died, its process was killed), at most
-    ROUNDS_WITHOUT_PROGRESS_ALLOWED times in a row without a shard completed between; else raise."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.shards = -1
-        self.rounds_without_progress = 0
-
-    def after(self, error: Exception, shards: int, reading: str) -> None:
-        from slm_pipeline.ray_runtime import lost_worker, lost_worker_reason
-
-        lost = lost_worker(error)
-        if lost is None:
-            raise error
-        self.rounds_without_progress = 0 if shards > self.shards else self.rounds_without_progress + 1
-        self.shards = shards
-        if self.rounds_without_progress > ROUNDS_WITHOUT_PROGRESS_ALLOWED:
-            raise SlmError(
-                f"{self.out}: Ray workers were lost {self.rounds_without_progress} times in a row with no shard "
-                f"completed between (reading {reading}); last: {lost_worker_reason(lost)}"
-            ) from None
-        print(
-            f"note: a Ray worker was lost ({lost_worker_reason(lost)}); going on from shard {shards}",
-            file=sys.stderr,
-        )
 
 
 def _records_of(batch) -> Iterator[tuple[tuple[int, int], str, np.ndarray | None, str | None, str | None]]:

@@ -44,6 +44,7 @@ from slm_pipeline.data.shards import (
 )
 from slm_pipeline.errors import SlmError
 from slm_pipeline.modeling import check_attention_kernel
+from slm_pipeline.ray_runtime import LostWorkers, init_ray, lost_worker_reason
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.training.checkpoint import model_directory
 
@@ -51,7 +52,6 @@ DONE_DIR = ".done"
 ACTORS_DIR = "actors"
 """Under DONE_DIR: ACTOR_ID.json names the shard that scorer is on, so a lost actor's shard is known."""
 SHARD_DEATHS_ALLOWED = 2
-ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -143,8 +143,6 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
             None,
             already_done=True,
         )
-    from slm_pipeline.ray_runtime import init_ray
-
     init_ray()  # before anything is written: a cluster that does not answer leaves nothing behind
     if config.overwrite or not _done_records_match(out, score_fingerprint):
         shutil.rmtree(out, ignore_errors=True)
@@ -231,17 +229,12 @@ class _Recovery:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.deaths: dict[str, int] = {}
-        self.finished = -1
-        self.rounds_without_progress = 0
+        self.rounds = LostWorkers()
         shutil.rmtree(out / DONE_DIR / ACTORS_DIR, ignore_errors=True)
         (out / DONE_DIR / ACTORS_DIR).mkdir()
 
     def after(self, error: Exception, finished: int) -> None:
-        from slm_pipeline.ray_runtime import lost_worker, lost_worker_reason
-
-        lost = lost_worker(error)
-        if lost is None:
-            raise error
+        lost = self.rounds.lost(error, finished)
         what = lost_worker_reason(lost)
         shard = self.shard_of(getattr(lost, "actor_id", None))
         if shard is not None:
@@ -251,12 +244,10 @@ class _Recovery:
                     f"{shard}: its scorer died {self.deaths[shard]} times while scoring it (out of host memory, "
                     f"a crash in native code, or lost nodes); last: {what}. Try a smaller --batch-size or --window"
                 ) from None
-        self.rounds_without_progress = 0 if finished > self.finished else self.rounds_without_progress + 1
-        self.finished = finished
-        if self.rounds_without_progress > ROUNDS_WITHOUT_PROGRESS_ALLOWED:
+        if self.rounds.stalled:
             raise SlmError(
-                f"{self.out}: scorers were lost {self.rounds_without_progress} times in a row with no shard finished "
-                f"between; last: {what}"
+                f"{self.out}: scorers were lost {self.rounds.rounds_without_progress} times in a row with no shard "
+                f"finished between; last: {what}"
             ) from None
         where = f" scoring {shard}" if shard else ""
         print(f"note: a scorer was lost{where} ({what}); scoring the unfinished shards again", file=sys.stderr)

@@ -514,7 +514,7 @@ def train(config: TrainConfig) -> dict:
         )
         prepare_run_dir(config)
         earlier_attempts = count_attempts(run)
-        Trainer(config).train()
+        Trainer(config, earlier_attempts=earlier_attempts).train()
     else:
         earlier_attempts = _train_on_ray(config)
     attempts = attempts_since(run, earlier_attempts)

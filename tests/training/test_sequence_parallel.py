@@ -23,8 +23,8 @@ from slm_pipeline.training.selection import MicroBatch, Selector
 from slm_pipeline.training.sequence_parallel import SequenceParallel, rank_grid, require_sequence_parallel
 from slm_pipeline.training.step import Collectives, accumulate_gradients
 from slm_pipeline.training.trainer import train
-from tests.models import tiny_hybrid, tiny_llama
-from tests.training.test_trainer import ARCHITECTURE, assert_same_steps, config
+from tests.models import LLAMA_ARCHITECTURE, tiny_hybrid, tiny_llama
+from tests.training.test_trainer import assert_same_steps, config
 from tests.training.test_trainer import dataset as dataset  # the prepared and scored dataset (a fixture)
 
 VOCAB, LENGTH = 300, 48
@@ -190,7 +190,7 @@ def test_two_ray_workers_splitting_each_row_take_the_steps_of_one_process(datase
         ({"workers": 8, "sequence_parallel": 8}, "does not divide the model's 4 attention heads"),
         (
             {"workers": 5, "sequence_parallel": 5,
-             "model": {**ARCHITECTURE, "hidden_size": 40, "num_attention_heads": 5, "num_key_value_heads": 1}},
+             "model": {**LLAMA_ARCHITECTURE, "hidden_size": 40, "num_attention_heads": 5, "num_key_value_heads": 1}},
             "sequence_parallel 5 does not divide the dataset's row length",
         ),
         ({"workers": 2, "sequence_parallel": 2, "attn_implementation": "sdpa"}, "needs attn_implementation"),

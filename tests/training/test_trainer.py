@@ -23,17 +23,7 @@ from slm_pipeline.config import TrainConfig, load_train_config
 from slm_pipeline.errors import SlmError
 from slm_pipeline.training.trainer import train
 from tests.conftest import copy_of, run_slm, run_slm_each
-from tests.models import HYBRID_ARCHITECTURE, naive_document_loss, save_tiny_llama
-
-ARCHITECTURE = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+from tests.models import HYBRID_ARCHITECTURE, LLAMA_ARCHITECTURE, naive_document_loss, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ def dataset(scored_dataset, tmp_path_factory) -> Path:
 def config(dataset: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(
         data=str(dataset),
-        model=ARCHITECTURE,
+        model=LLAMA_ARCHITECTURE,
         out=str(out),
         steps=12,
         rows_per_micro_batch=4,
@@ -209,7 +199,7 @@ BAD_CONFIGS = [
     ({"mode": "rho1", "reference": None}, "mode rho1 needs `reference`"),
     ({"mode": "rho1", "reference": "missing"}, "no score set 'missing'"),
     ({"mode": "static", "selection": "nope"}, "selection: "),
-    ({"model": {**ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
+    ({"model": {**LLAMA_ARCHITECTURE, "vocab_size": 100}}, "its vocabulary has 100 tokens"),
     ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
     ({"max_failures": 2}, "max_failures restarts Ray Train workers; in one process (workers: 0) nothing restarts it"),
     ({"max_failures": -2}, "max_failures must be -1 (no limit), 0 or more, got -2"),
@@ -224,7 +214,7 @@ BAD_CONFIGS = [
 def write_config(root: Path, dataset: Path, values: dict, workers: int = 0) -> Path:
     root.mkdir(exist_ok=True)
     path = root / "train.yaml"
-    base = {"data": str(dataset), "model": ARCHITECTURE, "out": str(root / "run"), "steps": 2, "workers": workers}
+    base = {"data": str(dataset), "model": LLAMA_ARCHITECTURE, "out": str(root / "run"), "steps": 2, "workers": workers}
     path.write_text(yaml.safe_dump({**base, **values}))
     return path
 
@@ -371,7 +361,7 @@ def test_steps_that_select_nothing_make_no_update_on_two_workers(dataset, tmp_pa
     train(config(dataset, run, mode="static", selection="none", workers=2, accumulation=1, steps=2))
     for line in metrics(run):
         assert line["selected_fraction"] == 0 and line["grad_norm"] == 0 and line["loss_all"] > 0
-    fields = {k: v for k, v in ARCHITECTURE.items() if k != "model_type"}
+    fields = {k: v for k, v in LLAMA_ARCHITECTURE.items() if k != "model_type"}
     torch.manual_seed(0)  # the config's seed: build_model's initialisation
     initial = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=4096, **fields))
     trained = load_file(run / "checkpoints" / "step-2" / "model.safetensors")
