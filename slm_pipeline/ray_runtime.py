@@ -25,7 +25,6 @@ ROUNDS_WITHOUT_PROGRESS_ALLOWED = 3
 def init_ray() -> None:
     """Start or join Ray once per process, quietly: our own progress bars say what matters."""
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         # A cluster with token authentication needs RAY_AUTH_MODE=token here, as for any Ray driver: enabling
@@ -37,6 +36,13 @@ def init_ray() -> None:
             include_dashboard=False if address == "local" else None,
             logging_level=logging.WARNING,
         )
+
+
+def init_ray_data() -> None:
+    """init_ray, and Ray Data set up for a stage that runs on it (score, select): quiet, no bars of its own."""
+    from ray.data import DataContext
+
+    init_ray()
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

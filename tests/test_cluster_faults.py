@@ -145,23 +145,25 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 
 
 def test_prepare_finishes_after_losing_a_node_with_the_uninterrupted_shards(cluster, scored_dataset, tmp_path):
-    """Eight input files through two tokenizer actors on two nodes; the node of one dies once the first shard
-    is written (before the last): the shards are byte for byte those of an uninterrupted run."""
-    text = scored_dataset["corpus"].read_text()
+    """Eight input files of 1.5 MB (two chunks each: a few seconds of tokenizing) through two tokenizer actors
+    on two nodes; the node of one dies once the first shard is written: the shards are byte for byte those of
+    an uninterrupted run."""
+    text = scored_dataset["corpus"].read_text() * 70
     inputs = []
     for index in range(8):
         inputs.append(tmp_path / f"input-{index:02d}.jsonl")
         inputs[-1].write_text(text)
-    options = ["--tokenizer", TOKENIZER, "--seq-len", str(SEQ_LEN), "--shard-tokens", str(SEQ_LEN * 20)]
+    shard_tokens = SEQ_LEN * 2000
+    options = ["--tokenizer", TOKENIZER, "--seq-len", str(SEQ_LEN), "--shard-tokens", str(shard_tokens)]
     prepare(PrepareConfig([str(p) for p in inputs], TOKENIZER, SEQ_LEN, str(tmp_path / "uninterrupted"),
-                          shard_tokens=SEQ_LEN * 20), show_progress=False)  # fmt: skip
+                          shard_tokens=shard_tokens, workers=2), show_progress=False)  # fmt: skip
     cluster.add_workers(2)
     out = tmp_path / "survived"
     try:
         process = cluster.slm("prepare", *map(str, inputs), *options, "--out", str(out), "--workers", "2",
                               "--no-progress")  # fmt: skip
-        wait_for(lambda: len(cluster.actor_processes("MapBatches(_Tokenize)")) == 2, process)
-        victim = cluster.node_running(cluster.actor_processes("MapBatches(_Tokenize)")[0])
+        wait_for(lambda: len(cluster.actor_processes("TokenizeWorker")) == 2, process)
+        victim = cluster.node_running(cluster.actor_processes("TokenizeWorker")[0])
         wait_for(lambda: any((out / ".prepare").glob("part-*.json")), process)
         written = {path: path.stat().st_ino for path in (out / "tokens").glob("part-*.arrow")}
         assert not (out / "manifest.json").exists()
@@ -180,6 +182,7 @@ def test_prepare_finishes_after_losing_a_node_with_the_uninterrupted_shards(clus
     assert len(expected) > 10 and shard_files(out / "tokens") == expected
     manifests = [json.loads((run / "manifest.json").read_text()) for run in (out, tmp_path / "uninterrupted")]
     assert manifests[0] == manifests[1]  # documents, sources and skips counted once, across the rounds
+    assert manifests[0]["documents"] == 8 * sum(1 for line in text.splitlines() if line.strip())
 
 
 def test_score_finishes_after_losing_a_node_with_the_uninterrupted_scores(cluster, dataset, scorer):

@@ -1,13 +1,13 @@
-"""`slm prepare`: a corpus → packed token rows in zstd Arrow shards, on Ray Data.
+"""`slm prepare`: a corpus → packed token rows in zstd Arrow shards, on Ray.
 
-    Ray Data (parallel)                     driver (sequential, cheap)
-    read units ──▶ tokenize (K actors) ──▶ ordered stream ──▶ Packer ──▶ shard files ──▶ manifest
+    driver: read ──chunks in order──▶ K tokenizer actors ──results in the same order──▶ driver: Packer ──▶ shards
 
-Reading and tokenizing, the expensive part, run as Ray tasks and actors; Ray Data's
-backpressure bounds the blocks in flight, so memory stays flat for a corpus larger than
-RAM. Packing is a prefix sum over the whole corpus (where a row starts depends on every
-earlier document), so the driver does it, over the stream Ray Data returns in corpus order
-(preserve_order). That makes the shards identical for any --workers.
+The driver reads: decompressing and cutting at newlines cost little per byte. Parsing, checking and
+tokenizing, the work that costs, run in K Ray actors (tokenize_workers.py), which take chunks of about
+1 MB and hand results back in the order the driver gave the chunks out. Packing is a prefix sum over the
+whole corpus (where a row starts depends on every earlier document), so the driver does it, in that
+order. That makes the shards identical for any --workers; a few chunks wait per worker, so memory stays
+flat for a corpus larger than RAM.
 
 Resume: after each shard the driver writes a completion record with the shard's checksum,
 the stats it added and the corpus position where the next shard starts (unit, record,
@@ -22,18 +22,16 @@ import dataclasses
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from slm_pipeline import __version__
 from slm_pipeline.config import PrepareConfig
 from slm_pipeline.data.packing import PackedRow, Packer
-from slm_pipeline.data.readers import InputUnit, iter_records, resolve_inputs
+from slm_pipeline.data.readers import InputUnit, TextChunk, read_chunks, resolve_inputs
 from slm_pipeline.data.shards import (
     TOKENS_BATCH_TOKENS,
     ShardInfo,
@@ -46,13 +44,20 @@ from slm_pipeline.data.shards import (
     write_arrow_shard,
     write_json,
 )
-from slm_pipeline.data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
-from slm_pipeline.errors import InputError, SlmError, find_slm_error
+from slm_pipeline.data.tokenize_workers import TokenizerPool
+from slm_pipeline.data.tokenizer import (
+    EncoderSpec,
+    TokenizerInfo,
+    encoder_spec,
+    load_tokenizer,
+    tokenizer_dir,
+    tokenizer_files_sha256,
+    tokenizer_info,
+)
+from slm_pipeline.errors import InputError, SlmError
 from slm_pipeline.ray_runtime import LostWorkers, init_ray, lost_worker_reason
 from slm_pipeline.schemas import FORMAT_VERSION, validate
 
-READ_BATCH_RECORDS = 512
-READ_BATCH_CHARS = 8 << 20
 SKIP_EXAMPLES_KEPT = 10
 PROGRESS_DIR = ".prepare"
 
@@ -116,6 +121,8 @@ class PrepareSummary:
     skipped: dict[str, int]
     seconds: float
     already_done: bool = False
+    driver_cpu_s: float = 0.0
+    """The driver's CPU seconds while tokenizer workers ran (reading, packing, writing): its share of the work."""
 
     @property
     def bytes_per_token(self) -> float:
@@ -136,6 +143,11 @@ class PrepareSummary:
             f"  shards     {self.shards:,}",
             f"  on disk    {self.bytes_on_disk:,} bytes = {self.bytes_per_token:.3f} bytes/token (raw int32: 4)",
         ]
+        if self.driver_cpu_s:
+            lines.append(
+                f"  driver     {self.driver_cpu_s:.1f} CPU-s reading, packing and writing "
+                f"({1e9 * self.driver_cpu_s / max(self.tokens, 1):.0f} ns/token)"
+            )
         if self.skipped:
             reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(self.skipped.items()))
             lines.append(f"  skipped    {sum(self.skipped.values()):,} records ({reasons})")
@@ -154,10 +166,9 @@ class Position:
 def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary:
     """Run the prepare stage; returns its summary. Raises SlmError for bad input or options."""
     started = time.perf_counter()
-    tokenizer = load_tokenizer(config.tokenizer)
-    info = tokenizer_info(config.tokenizer, tokenizer)
+    tokenizer_sha256 = tokenizer_files_sha256(tokenizer_dir(config.tokenizer))
     units = resolve_inputs(config.inputs, config.text_field)
-    dataset_fingerprint = _dataset_fingerprint(config, info, units)
+    dataset_fingerprint = _dataset_fingerprint(config, tokenizer_sha256, units)
     out = Path(config.out)
     manifest_path = out / "manifest.json"
 
@@ -165,7 +176,13 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     if finished := finished_manifest(manifest_path, dataset_fingerprint, config.overwrite, conflict):
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         return _summary_from_manifest(config.out, finished, time.perf_counter() - started)
-    init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
+    # Loading a tokenizer imports transformers (seconds); it overlaps Ray's start-up, which mostly waits.
+    with ThreadPoolExecutor(1) as loader:
+        loading = loader.submit(load_tokenizer, config.tokenizer)
+        init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
+        tokenizer = loading.result()
+    info = tokenizer_info(config.tokenizer, tokenizer)
+    encoder = encoder_spec(config.tokenizer, tokenizer)
     if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()
         for derived in ("scores", "selections"):  # they describe the old tokens
@@ -177,12 +194,13 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
 
     progress = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show_progress)
     rounds = LostWorkers()
+    driver_cpu_started = time.process_time()
     while True:  # one round per lost Ray worker (a tokenizer actor, a reader, a node): resumed from the journal
         shards, stats, position = journal.resume()
         progress.n = stats.tokens
         progress.refresh()
         try:
-            _pack(units, position, config, journal, shards, stats, progress)
+            _pack(units, position, config, journal, shards, stats, encoder, progress)
             break
         except Exception as error:  # noqa: BLE001 (all but a lost worker are raised again at once)
             what = lost_worker_reason(rounds.lost(error, len(shards)))
@@ -193,6 +211,7 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
                 ) from None
             print(f"note: a Ray worker was lost ({what}); going on from shard {len(shards)}", file=sys.stderr)
     progress.close()
+    driver_cpu_s = time.process_time() - driver_cpu_started
     if stats.documents == 0:
         raise SlmError(
             f"no documents to pack: all {sum(stats.skipped.values())} records were skipped ({dict(stats.skipped)})"
@@ -202,7 +221,8 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
     validate("dataset-manifest", manifest, str(manifest_path))
     write_json(manifest_path, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-    return _summary_from_manifest(config.out, manifest, time.perf_counter() - started, already_done=False)
+    summary = _summary_from_manifest(config.out, manifest, time.perf_counter() - started, already_done=False)
+    return dataclasses.replace(summary, driver_cpu_s=driver_cpu_s)
 
 
 def _pack(
@@ -212,6 +232,7 @@ def _pack(
     journal: _Journal,
     shards: list[ShardInfo],
     stats: PrepareStats,
+    encoder: EncoderSpec,
     progress,
 ) -> None:
     """Tokenize from `position` on and pack rows into shards after `shards`, recording each in the journal as it
@@ -219,23 +240,26 @@ def _pack(
     writer = _ShardWriter(journal.out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
     packer = Packer(config.seq_len)
     pending = PrepareStats()  # counts since the last completed shard
-    for batch in _tokenized_batches(units, position, config):
-        for key, source, token_ids, skip_reason, message in _records_of(batch):
-            if skip_reason is not None:
-                if config.on_error == "fail":
-                    raise InputError(message, skip_reason)
-                pending.count_skip(skip_reason, message)
-                continue
-            offset = position.tokens_done if key == (position.unit, position.record) else 0
-            if offset == 0:
-                pending.count_document(source, len(token_ids))
-            for row in packer.add(token_ids, source, key, offset):
-                if shard := writer.add(row):
-                    journal.record(shard, pending, Position(*row.end_position[0], row.end_position[1]))
-                    shards.append(shard)
-                    stats.merge(pending)
-                    pending = PrepareStats()
-            progress.update(len(token_ids) - offset)
+    with TokenizerPool(config.workers, encoder, units, config.text_field) as pool:
+        for chunk in pool.map(_chunks_from(units, position, config.text_field)):
+            source = units[chunk.unit].source
+            for record, token_ids, skip_reason, message in chunk:
+                if skip_reason is not None:
+                    if config.on_error == "fail":
+                        raise InputError(message, skip_reason)
+                    pending.count_skip(skip_reason, message)
+                    continue
+                key = (chunk.unit, record)
+                offset = position.tokens_done if key == (position.unit, position.record) else 0
+                if offset == 0:
+                    pending.count_document(source, len(token_ids))
+                for row in packer.add(token_ids, source, key, offset):
+                    if shard := writer.add(row):
+                        journal.record(shard, pending, Position(*row.end_position[0], row.end_position[1]))
+                        shards.append(shard)
+                        stats.merge(pending)
+                        pending = PrepareStats()
+                progress.update(len(token_ids) - offset)
     stats.merge(pending)
     if (last_row := packer.flush()) is not None and (shard := writer.add(last_row)):
         shards.append(shard)
@@ -243,21 +267,11 @@ def _pack(
         shards.append(shard)
 
 
-def _records_of(batch) -> Iterator[tuple[tuple[int, int], str, np.ndarray | None, str | None, str | None]]:
-    """(key, source, token ids, skip reason, message) per record of a tokenized Arrow batch."""
-    token_lists = batch.column("token_ids").combine_chunks()
-    offsets = token_lists.offsets.to_numpy()
-    values = token_lists.values.to_numpy()
-    columns = zip(
-        batch.column("unit").to_pylist(),
-        batch.column("record").to_pylist(),
-        batch.column("source").to_pylist(),
-        batch.column("skip_reason").to_pylist(),
-        batch.column("message").to_pylist(),
-        strict=True,
-    )
-    for i, (unit, record, source, skip_reason, message) in enumerate(columns):
-        yield (unit, record), source, values[offsets[i] : offsets[i + 1]], skip_reason, message
+def _chunks_from(units: list[InputUnit], start: Position, text_field: str) -> Iterator[tuple[int, TextChunk]]:
+    """(unit index, chunk) for the corpus from `start` on, in corpus order."""
+    for unit in range(start.unit, len(units)):
+        for chunk in read_chunks(units[unit], text_field, start.record if unit == start.unit else 0):
+            yield unit, chunk
 
 
 class _ShardWriter:
@@ -344,125 +358,10 @@ class _Journal:
         )
 
 
-def _tokenized_batches(units: list[InputUnit], start: Position, config: PrepareConfig) -> Iterator:
-    """Tokenized records from `start` on, in corpus order, as Arrow tables (Ray Data)."""
-    import ray
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    tasks = [{"unit": i, "start": start.record if i == start.unit else 0} for i in range(start.unit, len(units))]
-    if not tasks:
-        return
-    dataset = _build_dataset(units, tasks, config)
-    last_key = (start.unit, start.record - 1)
-    try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            if batch.num_rows == 0:
-                continue
-            first_key = (batch.column("unit")[0].as_py(), batch.column("record")[0].as_py())
-            if first_key <= last_key:  # Ray Data reordered blocks: packing would silently differ
-                raise RuntimeError(f"Ray Data returned records out of order: {first_key} after {last_key}")
-            last_key = (batch.column("unit")[-1].as_py(), batch.column("record")[-1].as_py())
-            yield batch
-    except Exception as error:
-        if (cause := find_slm_error(error)) is not None:
-            raise cause from None
-        raise
-
-
-def _build_dataset(units: list[InputUnit], tasks: list[dict], config: PrepareConfig):
-    """read units (tasks, no CPU reserved) → tokenize (K actors, one CPU each)."""
-    import ray.data
-
-    read = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        _read_units,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"units": units, "text_field": config.text_field},
-        # Parsing is cheap next to tokenizing; reserving no CPU keeps K tokenizer actors on K
-        # CPUs from starving the reads (a deadlock), and the pool size bounds open files.
-        num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=config.workers),
-    )
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates extra remote args such as max_restarts but has no named parameter for it yet.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return read.map_batches(
-            _Tokenize,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={"tokenizer_spec": config.tokenizer},
-            compute=ray.data.ActorPoolStrategy(size=config.workers),
-            num_cpus=1,
-            # A failed actor fails the run and the re-run resumes from the last shard; restartable
-            # actors would also make Ray log an error about their constructor arguments.
-            max_restarts=0,
-        )
-
-
-def _read_units(task, units: list[InputUnit], text_field: str) -> Iterator:
-    """Ray task: one unit's records as Arrow tables of up to READ_BATCH_RECORDS records."""
-    import pyarrow as pa
-
-    unit_index, start = task.column("unit")[0].as_py(), task.column("start")[0].as_py()
-    unit = units[unit_index]
-    columns: dict[str, list] = {"record": [], "text": [], "skip_reason": [], "message": []}
-    chars = 0
-
-    def flush():
-        n = len(columns["record"])
-        table = pa.table(
-            {
-                "unit": pa.array([unit_index] * n, pa.int32()),
-                "record": pa.array(columns["record"], pa.int64()),
-                "source": pa.array([unit.source] * n, pa.string()),
-                "text": pa.array(columns["text"], pa.large_string()),
-                "skip_reason": pa.array(columns["skip_reason"], pa.string()),
-                "message": pa.array(columns["message"], pa.string()),
-            }
-        )
-        for values in columns.values():
-            values.clear()
-        return table
-
-    for record in iter_records(unit, text_field, start):
-        columns["record"].append(record.index)
-        columns["text"].append(record.text)
-        columns["skip_reason"].append(record.skip_reason)
-        columns["message"].append(record.message)
-        chars += len(record.text or "")
-        if len(columns["record"]) >= READ_BATCH_RECORDS or chars >= READ_BATCH_CHARS:
-            yield flush()
-            chars = 0
-    if columns["record"]:
-        yield flush()
-
-
-class _Tokenize:
-    """Ray actor: text → token ids without special tokens, EOS appended."""
-
-    def __init__(self, tokenizer_spec: str) -> None:
-        import os
-
-        # One actor, one core: --workers is then the real knob on parallelism.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.tokenizer = load_tokenizer(tokenizer_spec)
-        self.eos_id = int(self.tokenizer.eos_token_id)
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        texts = batch.column("text").to_pylist()
-        kept = [text for text in texts if text is not None]
-        encoded = iter(self.tokenizer(kept, add_special_tokens=False)["input_ids"] if kept else [])
-        token_ids = [[] if text is None else next(encoded) + [self.eos_id] for text in texts]
-        return batch.drop_columns(["text"]).append_column("token_ids", pa.array(token_ids, pa.list_(pa.int32())))
-
-
-def _dataset_fingerprint(config: PrepareConfig, info: TokenizerInfo, units: list[InputUnit]) -> str:
+def _dataset_fingerprint(config: PrepareConfig, tokenizer_sha256: str, units: list[InputUnit]) -> str:
     identity = {
         "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": info.sha256,
+        "tokenizer_sha256": tokenizer_sha256,
         "seq_len": config.seq_len,
         "text_field": config.text_field,
         "on_error": config.on_error,

@@ -14,6 +14,7 @@ import os
 import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from slm_pipeline.errors import InputError
 
@@ -21,7 +22,11 @@ FILE_FORMATS = (".jsonl.zst", ".jsonl", ".parquet", ".txt")
 HF_PREFIX = "hf:"
 BUILTIN_PREFIX = "builtin:"
 HF_ROWS_PER_UNIT = 50_000
+CHUNK_BYTES = 1 << 20
+"""Text per chunk, a worker's unit of work: about 0.3M tokens, a second of one tokenizer core. Small enough
+that the first rows come at once and that K workers share a single file evenly."""
 _READ_CHUNK_BYTES = 1 << 20
+_SLICE_ROWS = 4096
 _STRING_TYPES = ("string", "large_string")
 
 
@@ -166,19 +171,61 @@ def _hf_units(spec: str, text_field: str) -> list[InputUnit]:
 
 
 def iter_records(unit: InputUnit, text_field: str, start_index: int = 0) -> Iterator[Record]:
-    """The unit's records in order, from record `start_index` on (records before it are not parsed)."""
+    """The unit's records in order, from record `start_index` on: `read_chunks` then `chunk_records`, as the
+    driver and a tokenizer worker share them in `slm prepare`."""
+    for chunk in read_chunks(unit, text_field, start_index):
+        yield from chunk_records(chunk, unit, text_field)
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """Consecutive records of one unit as the driver reads them, for a worker to parse (`chunk_records`).
+
+    Exactly one of: `lines`, whole JSON lines, the first numbered `first`; `texts`, a pyarrow string array
+    holding records `first`, `first + 1`, ... (null where the text is missing); `error`, a record the
+    reader itself found bad (a truncated stream, an unreadable file).
+    """
+
+    first: int
+    lines: bytes | None = None
+    texts: Any = None
+    error: Record | None = None
+
+
+def read_chunks(
+    unit: InputUnit, text_field: str, start_index: int = 0, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[TextChunk]:
+    """The unit's records from record `start_index` on, as chunks of about `chunk_bytes` of text.
+
+    What the driver does per byte is cheap (decompress, find a newline, slice Arrow buffers); parsing JSON
+    and checking each record is left to the worker that tokenizes it.
+    """
     readers = {
-        "jsonl": _jsonl_records,
-        "jsonl.zst": _jsonl_records,
-        "parquet": _parquet_records,
-        "txt": _txt_records,
-        "hf": _hf_records,
-        "builtin": _builtin_records,
+        "jsonl": _jsonl_chunks,
+        "jsonl.zst": _jsonl_chunks,
+        "parquet": _parquet_chunks,
+        "txt": _txt_chunks,
+        "hf": _hf_chunks,
+        "builtin": _builtin_chunks,
     }
     try:
-        yield from readers[unit.kind](unit, text_field, start_index)
+        yield from readers[unit.kind](unit, text_field, start_index, chunk_bytes)
     except OSError as error:
-        yield Record(start_index, None, "unreadable_file", f"{unit.path}: cannot read ({error.strerror or error})")
+        message = f"{unit.path}: cannot read ({error.strerror or error})"
+        yield TextChunk(start_index, error=Record(start_index, None, "unreadable_file", message))
+
+
+def chunk_records(chunk: TextChunk, unit: InputUnit, text_field: str) -> Iterator[Record]:
+    """The records of a chunk, each a document or a bad record whose message names the file and line (or row)."""
+    if chunk.error is not None:
+        yield chunk.error
+    elif chunk.lines is not None:
+        for line_number, raw in enumerate(chunk.lines.split(b"\n"), start=chunk.first):
+            if raw.strip():
+                yield _json_line_record(raw, f"{unit.path}:{line_number}", line_number, text_field)
+    else:
+        for index, text in enumerate(chunk.texts.to_pylist(), start=chunk.first):
+            yield _checked(text, unit.path if unit.kind == "txt" else f"{unit.source} row {index}", index)
 
 
 def _checked(text: str | None, location: str, index: int) -> Record:
@@ -189,24 +236,9 @@ def _checked(text: str | None, location: str, index: int) -> Record:
     return Record(index, text)
 
 
-def _jsonl_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
-    lines = iter_zstd_lines(unit.path) if unit.kind == "jsonl.zst" else _iter_file_lines(unit.path)
-    line_number = 0
-    try:
-        for line_number, raw in enumerate(lines, start=1):
-            if line_number >= start_index and raw.strip():
-                yield _json_line_record(raw, f"{unit.path}:{line_number}", line_number, text_field)
-    except TruncatedZstdError:
-        yield Record(
-            line_number + 1, None, "truncated_file", f"{unit.path}: truncated zstd stream after line {line_number}"
-        )
-    except NotZstdError as error:
-        yield Record(line_number + 1, None, "bad_file", str(error))
-
-
 def _json_line_record(raw: bytes, location: str, line_number: int, text_field: str) -> Record:
     try:
-        document = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+        document = json.loads(raw.rstrip(b"\r").decode("utf-8"))
     except UnicodeDecodeError as error:
         return Record(line_number, None, "invalid_utf8", f"{location}: invalid UTF-8 at column {error.start + 1}")
     except json.JSONDecodeError as error:
@@ -223,9 +255,54 @@ def _json_line_record(raw: bytes, location: str, line_number: int, text_field: s
     return _checked(text, location, line_number)
 
 
-def _iter_file_lines(path: str) -> Iterator[bytes]:
+def _jsonl_chunks(unit: InputUnit, text_field: str, start_line: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    """Whole lines, cut at the last newline once `chunk_bytes` have arrived; a damaged stream ends with an
+    error record after its last complete line."""
+    blocks = _zstd_blocks(unit.path) if unit.kind == "jsonl.zst" else _file_blocks(unit.path)
+    first_line, pending, error = 1, b"", None
+    try:
+        for block in blocks:
+            pending += block
+            while cut := _chunk_end(pending, chunk_bytes):
+                yield from _lines_from(pending[:cut], first_line, start_line)
+                first_line += pending.count(b"\n", 0, cut)
+                pending = pending[cut:]
+    except TruncatedZstdError:
+        error = "truncated_file"
+    except NotZstdError as bad:
+        error, message = "bad_file", str(bad)
+    if error is not None:  # the line being read when the stream broke is incomplete
+        pending = pending[: pending.rfind(b"\n") + 1]
+    yield from _lines_from(pending, first_line, start_line)
+    if error is not None:
+        last_line = first_line - 1 + pending.count(b"\n")
+        if error == "truncated_file":
+            message = f"{unit.path}: truncated zstd stream after line {last_line}"
+        yield TextChunk(last_line + 1, error=Record(last_line + 1, None, error, message))
+
+
+def _chunk_end(data: bytes, chunk_bytes: int) -> int:
+    """Where a chunk of `data` ends: after the last newline within `chunk_bytes`, or after the first line
+    when that line alone is longer; 0 while `data` is shorter than a chunk or holds no whole line."""
+    if len(data) < chunk_bytes:
+        return 0
+    return (data.rfind(b"\n", 0, chunk_bytes) + 1) or (data.find(b"\n", chunk_bytes) + 1)
+
+
+def _lines_from(data: bytes, first_line: int, start_line: int) -> Iterator[TextChunk]:
+    """`data` (lines, the first numbered `first_line`) as one chunk, less the lines before `start_line`."""
+    if (skip := start_line - first_line) > 0:
+        if data.count(b"\n") < skip:
+            return
+        data, first_line = data.split(b"\n", skip)[-1], start_line
+    if data:
+        yield TextChunk(first_line, lines=data)
+
+
+def _file_blocks(path: str) -> Iterator[bytes]:
     with open(path, "rb") as file:
-        yield from file
+        while block := file.read(_READ_CHUNK_BYTES):
+            yield block
 
 
 class TruncatedZstdError(Exception):
@@ -236,8 +313,8 @@ class NotZstdError(Exception):
     """The bytes are not a zstd stream."""
 
 
-def iter_zstd_lines(path: str) -> Iterator[bytes]:
-    """Lines of a zstd-compressed file, streamed; raises TruncatedZstdError if the file ends mid-frame.
+def _zstd_blocks(path: str) -> Iterator[bytes]:
+    """The decompressed bytes of a zstd file, streamed; raises TruncatedZstdError if the file ends mid-frame.
 
     zstandard's stream_reader returns a short read on a truncated file without complaint, so
     frames are decoded one decompressobj at a time and the last one must have reached its end.
@@ -246,28 +323,25 @@ def iter_zstd_lines(path: str) -> Iterator[bytes]:
 
     decompressor = zstandard.ZstdDecompressor()
     frame, frame_fed = decompressor.decompressobj(), False
-    pending = b""
     with open(path, "rb") as file:
         while chunk := file.read(_READ_CHUNK_BYTES):
             while chunk:
                 try:
-                    pending += frame.decompress(chunk)
+                    yield frame.decompress(chunk)
                 except zstandard.ZstdError as error:
                     raise NotZstdError(f"{path}: not a valid zstd stream ({error})") from None
                 frame_fed = True
                 chunk = b""
                 if frame.eof:  # a file may hold several frames back to back
                     chunk, frame, frame_fed = frame.unused_data, decompressor.decompressobj(), False
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line + b"\n"
     if frame_fed:
         raise TruncatedZstdError(path)
-    if pending:
-        yield pending
 
 
-def _txt_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
+def _txt_chunks(unit: InputUnit, text_field: str, start_index: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    """The whole file, one document (record 0)."""
+    import pyarrow as pa
+
     if start_index > 0:
         return
     with open(unit.path, "rb") as file:
@@ -277,34 +351,89 @@ def _txt_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         column = error.start - data.rfind(b"\n", 0, error.start)
-        yield Record(0, None, "invalid_utf8", f"{unit.path}:{line}: invalid UTF-8 at column {column}")
+        message = f"{unit.path}:{line}: invalid UTF-8 at column {column}"
+        yield TextChunk(0, error=Record(0, None, "invalid_utf8", message))
         return
-    yield _checked(text, unit.path, 0)
+    yield TextChunk(0, texts=pa.array([text], pa.large_string()))
 
 
-def _parquet_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
+def _parquet_chunks(unit: InputUnit, text_field: str, start_row: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    """The text column, read a batch of about `chunk_bytes` at a time from the row group holding `start_row`
+    on: memory is bounded by a chunk, not by the row group."""
+    import numpy as np
     import pyarrow.parquet as pq
 
-    row = 0
-    for batch in pq.ParquetFile(unit.path).iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if row >= start_index:
-                yield _checked(text, f"{unit.path} row {row}", row)
-            row += 1
+    file = pq.ParquetFile(unit.path, buffer_size=_READ_CHUNK_BYTES, pre_buffer=False)
+    metadata, column = file.metadata, file.schema_arrow.get_field_index(text_field)
+    group_ends = np.cumsum([metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)])
+    first_group = int(np.searchsorted(group_ends, start_row, side="right"))  # the group holding start_row
+    groups = list(range(first_group, metadata.num_row_groups))
+    first_row = int(group_ends[first_group - 1]) if first_group else 0
+    text_bytes = sum(metadata.row_group(g).column(column).total_uncompressed_size for g in groups)
+    rows = sum(metadata.row_group(g).num_rows for g in groups)
+    batch_rows = max(1, min(1 << 16, chunk_bytes * rows // max(text_bytes, 1)))
+    batches = file.iter_batches(batch_size=batch_rows, row_groups=groups, columns=[text_field])
+    yield from _text_chunks((batch.column(0) for batch in batches), first_row, start_row, chunk_bytes)
 
 
-def _hf_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
+def _hf_chunks(unit: InputUnit, text_field: str, start_row: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    """The unit's rows of the dataset's Arrow table (memory-mapped), a slice at a time."""
     assert unit.hf_rows is not None and unit.hf_split is not None
-    dataset = load_hf_dataset(unit.path, unit.hf_config, unit.hf_split)
-    first, end = max(unit.hf_rows[0], start_index), unit.hf_rows[1]
-    rows = dataset.select(range(first, end)).select_columns([text_field])
-    for row, example in enumerate(rows, start=first):
-        yield _checked(example[text_field], f"{unit.source} row {row}", row)
+    dataset = load_hf_dataset(unit.path, unit.hf_config, unit.hf_split).select_columns([text_field])
+    table = dataset.with_format("arrow")
+    first, end = unit.hf_rows
+    step = _SLICE_ROWS
+
+    def arrays():
+        for row in range(max(first, start_row), end, step):
+            yield from table[row : min(row + step, end)].column(text_field).chunks
+
+    yield from _text_chunks(arrays(), max(first, start_row), start_row, chunk_bytes)
 
 
-def _builtin_records(unit: InputUnit, text_field: str, start_index: int) -> Iterator[Record]:
+def _builtin_chunks(unit: InputUnit, text_field: str, start_index: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    import pyarrow as pa
+
     from slm_pipeline.data.embedded import BUILTIN_CORPORA
 
-    for index, text in enumerate(BUILTIN_CORPORA[unit.path]()):
-        if index >= start_index:
-            yield Record(index, text)
+    texts = BUILTIN_CORPORA[unit.path]()
+    arrays = (pa.array(texts[i : i + _SLICE_ROWS], pa.large_string()) for i in range(0, len(texts), _SLICE_ROWS))
+    yield from _text_chunks(arrays, 0, start_index, chunk_bytes)
+
+
+def _text_chunks(arrays: Iterable, row: int, start_row: int, chunk_bytes: int) -> Iterator[TextChunk]:
+    """Chunks of about `chunk_bytes` from consecutive string arrays (the first holding row `row`), from
+    `start_row` on; an array holding more text than a chunk is cut."""
+    import pyarrow as pa
+
+    held: list = []
+    held_bytes, first = 0, max(row, start_row)
+    for array in arrays:
+        if row + len(array) <= start_row:
+            row += len(array)
+            continue
+        if row < start_row:
+            array, row = array.slice(start_row - row), start_row
+        for piece, piece_bytes in _pieces(array, chunk_bytes):
+            held.append(piece)
+            held_bytes += piece_bytes
+            row += len(piece)
+            if held_bytes >= chunk_bytes:
+                yield TextChunk(first, texts=pa.concat_arrays(held))
+                held, held_bytes, first = [], 0, row
+    if held:
+        yield TextChunk(first, texts=pa.concat_arrays(held))
+
+
+def _pieces(array, chunk_bytes: int) -> Iterator[tuple[object, int]]:
+    """(slice, its text bytes): `array` cut after the row where each further `chunk_bytes` of text is reached."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if len(array) == 0:
+        return
+    ends = np.cumsum(pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False))
+    cuts = np.searchsorted(ends, np.arange(chunk_bytes, ends[-1], chunk_bytes)) + 1
+    bounds = [0, *np.unique(cuts[cuts < len(array)]).tolist(), len(array)]
+    for begin, end in zip(bounds, bounds[1:], strict=False):
+        yield array.slice(begin, end - begin), int(ends[end - 1] - (ends[begin - 1] if begin else 0))

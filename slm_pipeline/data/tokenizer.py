@@ -81,6 +81,56 @@ def tokenizer_info(spec: str, tokenizer) -> TokenizerInfo:
     )
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a tokenizer worker needs to encode exactly as `tokenizer(texts, add_special_tokens=False)` does.
+
+    For a fast tokenizer, its Rust tokenizer serialized as loaded, so that workers encode with the
+    `tokenizers` library alone: no transformers import (seconds of start-up per worker) and none of its
+    per-batch Python. Other tokenizers are loaded again from `name` by each worker.
+    """
+
+    name: str
+    eos_id: int
+    backend_json: str | None
+    split_special_tokens: bool
+
+
+def encoder_spec(spec: str, tokenizer) -> EncoderSpec:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return EncoderSpec(
+        name=spec,
+        eos_id=int(tokenizer.eos_token_id),
+        backend_json=backend.to_str() if backend is not None else None,
+        split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
+    )
+
+
+class Encoder:
+    """Texts → token ids (no special tokens added), on one core."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        # One worker, one core: --workers is then the real knob on parallelism (read when tokenizers loads).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if spec.backend_json is None:
+            self._tokenizer = load_tokenizer(spec.name)
+            self._backend = None
+            return
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(spec.backend_json)
+        # As transformers' __call__ does: a tokenizer.json may carry truncation or padding settings.
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._backend.encode_special_tokens = spec.split_special_tokens
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # encode_batch_fast skips the character offsets that encode_batch tracks; the ids are the same.
+        return [encoding.ids for encoding in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def tokenizer_files_sha256(path: Path) -> str:
     """One hash over the names and contents of the directory's files, weights excluded."""
     digest = hashlib.sha256()

@@ -44,7 +44,7 @@ from slm_pipeline.data.shards import (
 )
 from slm_pipeline.errors import SlmError
 from slm_pipeline.modeling import check_attention_kernel
-from slm_pipeline.ray_runtime import LostWorkers, init_ray, lost_worker_reason
+from slm_pipeline.ray_runtime import LostWorkers, init_ray_data, lost_worker_reason
 from slm_pipeline.schemas import FORMAT_VERSION, describe_arrow_schema, validate
 from slm_pipeline.training.checkpoint import model_directory
 
@@ -143,7 +143,7 @@ def score(config: ScoreConfig, show_progress: bool = True) -> ScoreSummary:
             None,
             already_done=True,
         )
-    init_ray()  # before anything is written: a cluster that does not answer leaves nothing behind
+    init_ray_data()  # before anything is written: a cluster that does not answer leaves nothing behind
     if config.overwrite or not _done_records_match(out, score_fingerprint):
         shutil.rmtree(out, ignore_errors=True)
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)

@@ -105,9 +105,9 @@ def select(config: SelectConfig) -> SelectSummary:
 
     import ray
 
-    from slm_pipeline.ray_runtime import init_ray
+    from slm_pipeline.ray_runtime import init_ray_data
 
-    init_ray()
+    init_ray_data()
     shards = [shard["name"] for shard in dataset_manifest["shards"]]
     job = _ShardJob(str(dataset), config.score_sets(), config.scorer, config.seed, config.long_weight)
     cuts: list[GlobalCut | None] = [None] * len(shards)

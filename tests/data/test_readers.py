@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from slm_pipeline.data.readers import iter_records, resolve_inputs
+from slm_pipeline.data import readers
+from slm_pipeline.data.readers import chunk_records, iter_records, read_chunks, resolve_inputs
 from slm_pipeline.errors import InputError
 
 
@@ -123,6 +124,91 @@ def test_resume_skips_records_before_start_index(tmp_path):
     assert [r.text for r in iter_records(unit, "text", start_index=8)] == ["doc 7", "doc 8", "doc 9"]
 
 
+def chunked(unit, start: int, chunk_bytes: int, text_field: str = "text") -> tuple[int, list]:
+    """(number of chunks, (index, text) per record) as the driver reads and a worker parses them."""
+    chunks = list(read_chunks(unit, text_field, start, chunk_bytes))
+    return len(chunks), [(r.index, r.text) for chunk in chunks for r in chunk_records(chunk, unit, text_field)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
+def test_chunks_of_any_size_hold_each_line_once_from_any_start(tmp_path, suffix):
+    lines = [json.dumps({"text": f"doc {i} " + "x" * (i * 7 % 50)}).encode() for i in range(30)]
+    lines[5] = json.dumps({"text": "a line longer than a chunk " * 20}).encode()
+    lines[9:9] = [b"", b"   "]  # blank lines count in the numbering and are no record
+    data = b"\n".join(lines)  # the last line has no newline
+    path = tmp_path / f"a{suffix}"
+    path.write_bytes(zstandard.ZstdCompressor().compress(data) if suffix.endswith("zst") else data)
+    [unit] = resolve_inputs([str(path)])
+    every = [(number, json.loads(line)["text"]) for number, line in enumerate(lines, start=1) if line.strip()]
+    for chunk_bytes in (1, 64, 300, 1 << 20):
+        for start in range(len(lines) + 2):
+            count, found = chunked(unit, start, chunk_bytes)
+            assert found == [record for record in every if record[0] >= start], (chunk_bytes, start)
+    assert chunked(unit, 0, 1)[0] == len(lines) and chunked(unit, 0, 1 << 20)[0] == 1
+
+
+def test_table_chunks_from_any_row_across_row_groups(tmp_path):
+    import datasets
+
+    texts = [f"row {i} " + "y" * (i % 13) for i in range(40)]
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=7)
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    for spec in (str(path), f"hf:{tmp_path / 'saved'}"):
+        [unit] = resolve_inputs([spec])
+        for chunk_bytes in (1, 100, 1 << 20):
+            for start in range(len(texts) + 1):
+                count, found = chunked(unit, start, chunk_bytes)
+                assert found == list(enumerate(texts))[start:], (spec, chunk_bytes, start)
+        assert chunked(unit, 0, 1)[0] == len(texts) and chunked(unit, 0, 1 << 20)[0] == 1
+
+
+def test_frames_and_read_blocks_that_end_mid_line(tmp_path, monkeypatch):
+    """zstd frames cut inside lines, read 7 bytes at a time, chunked small: every line once, from any start."""
+    monkeypatch.setattr(readers, "_READ_CHUNK_BYTES", 7)
+    lines = [json.dumps({"text": f"line {i} " + "z" * (i % 9)}).encode() for i in range(25)]
+    data = b"\n".join(lines) + b"\n"
+    compressor = zstandard.ZstdCompressor()
+    cuts = [0, 13, 100, 101, 350, len(data)]
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(b"".join(compressor.compress(data[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(data)
+    every = [(number, json.loads(line)["text"]) for number, line in enumerate(lines, start=1)]
+    for unit in resolve_inputs([str(path), str(plain)]):
+        for chunk_bytes in (1, 40, 1 << 20):
+            for start in range(len(lines) + 2):
+                assert chunked(unit, start, chunk_bytes)[1] == every[max(start - 1, 0) :], (unit.path, start)
+
+
+def test_hf_dataset_of_several_units_reads_each_row_once_from_any_start(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(readers, "HF_ROWS_PER_UNIT", 16)
+    texts = [f"row {i}" for i in range(40)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    units = resolve_inputs([f"hf:{tmp_path / 'saved'}"])
+    assert [unit.hf_rows for unit in units] == [(0, 16), (16, 32), (32, 40)]
+    for chunk_bytes in (1, 30):
+        assert [found for unit in units for found in chunked(unit, 0, chunk_bytes)[1]] == list(enumerate(texts))
+        assert chunked(units[1], 20, chunk_bytes)[1] == list(enumerate(texts))[20:32]  # resumed inside unit 2
+
+
+def test_null_and_empty_table_texts_are_bad_records_named_by_row(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "", "b"]}), path)
+    [unit] = resolve_inputs([str(path)])
+    for chunk_bytes in (1, 1 << 20):
+        chunks = list(read_chunks(unit, "text", 0, chunk_bytes))
+        found = [(r.index, r.text, r.message) for chunk in chunks for r in chunk_records(chunk, unit, "text")]
+        assert found == [
+            (0, "a", None),
+            (1, None, f"{path} row 1: missing text field"),
+            (2, None, f"{path} row 2: empty document"),
+            (3, "b", None),
+        ]
+
+
 # Bad input: readers report each bad record with a message naming the file and line; the stage decides.
 
 
@@ -167,6 +253,9 @@ def test_truncated_zst_keeps_the_complete_lines_then_reports(tmp_path):
     assert bad_messages([path]) == [f"{path}: truncated zstd stream after line {len(found) - 1}"]
     complete = [r[2] for r in found[:-1]]
     assert 0 < len(complete) < 2000 and complete == [f"document {i} " * 20 for i in range(len(complete))]
+    [unit] = resolve_inputs([str(path)])
+    *_, last = read_chunks(unit, "text", 0, chunk_bytes=300)  # the break counted from a later chunk's lines
+    assert last.error == readers.Record(len(found), None, "truncated_file", bad_messages([path])[0])
 
 
 def test_not_zstd_at_all(tmp_path):
