@@ -200,6 +200,12 @@ def divide(tokens: int, seconds: float) -> float:
     return tokens / seconds
 
 
+def ratio(numerator: float, denominator: float, spec: str = ".2f", unit: str = "×") -> str:
+    """A table cell: numerator / denominator, or — where the baseline was skipped."""
+    missing = numerator != numerator or denominator != denominator or not denominator  # NaN: skipped
+    return "—" if missing else f"{numerator / denominator:{spec}}{unit}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, action="append", help="corpus copies (repeatable); default 32")
@@ -243,8 +249,8 @@ def main() -> None:
                 rate = run["tokens"] / run["seconds"]
                 print(
                     f"| {layout} | {run['tokens']:,} | {args.workers} | {run['seconds']:.1f} | {rate:,.0f} "
-                    f"| {rate / hf_rate:.2f}× | {rate / rust_rate:.2f}× "
-                    f"| {run['driver_ns']:.0f} | {worker_ns / max(run['driver_ns'], 1):.0f} "
+                    f"| {ratio(rate, hf_rate)} | {ratio(rate, rust_rate)} "
+                    f"| {run['driver_ns']:.0f} | {ratio(worker_ns, run['driver_ns'], '.0f', '')} "
                     f"| {run['peak_rss'] / 2**30:.2f} | {run['peak_private'] / 2**30:.2f} |",
                     flush=True,
                 )

@@ -18,6 +18,7 @@ manifest is written last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -35,13 +36,15 @@ from slm_pipeline.data.readers import InputUnit, TextChunk, read_chunks, resolve
 from slm_pipeline.data.shards import (
     TOKENS_BATCH_TOKENS,
     ShardInfo,
+    arrow_shard_writer,
+    file_sha256,
     fingerprint,
     finished_manifest,
     read_json,
     remove_temporary_files,
     shard_name,
+    tokens_schema,
     tokens_table,
-    write_arrow_shard,
     write_json,
 )
 from slm_pipeline.data.tokenize_workers import TokenizerPool
@@ -237,10 +240,12 @@ def _pack(
 ) -> None:
     """Tokenize from `position` on and pack rows into shards after `shards`, recording each in the journal as it
     completes; `shards` and `stats` grow in place."""
-    writer = _ShardWriter(journal.out / "tokens", config.rows_per_shard, len(shards), sum(s.rows for s in shards))
+    writer = _ShardWriter(
+        journal.out / "tokens", config.seq_len, config.rows_per_shard, len(shards), sum(s.rows for s in shards)
+    )
     packer = Packer(config.seq_len)
     pending = PrepareStats()  # counts since the last completed shard
-    with TokenizerPool(config.workers, encoder, units, config.text_field) as pool:
+    with writer, TokenizerPool(config.workers, encoder, units, config.text_field) as pool:
         for chunk in pool.map(_chunks_from(units, position, config.text_field)):
             source = units[chunk.unit].source
             for record, token_ids, skip_reason, message in chunk:
@@ -260,11 +265,11 @@ def _pack(
                         stats.merge(pending)
                         pending = PrepareStats()
                 progress.update(len(token_ids) - offset)
-    stats.merge(pending)
-    if (last_row := packer.flush()) is not None and (shard := writer.add(last_row)):
-        shards.append(shard)
-    if shard := writer.close():
-        shards.append(shard)
+        stats.merge(pending)
+        if (last_row := packer.flush()) is not None and (shard := writer.add(last_row)):
+            shards.append(shard)
+        if shard := writer.close():
+            shards.append(shard)
 
 
 def _chunks_from(units: list[InputUnit], start: Position, text_field: str) -> Iterator[tuple[int, TextChunk]]:
@@ -275,40 +280,68 @@ def _chunks_from(units: list[InputUnit], start: Position, text_field: str) -> It
 
 
 class _ShardWriter:
-    """Collects packed rows and writes a shard every `rows_per_shard` rows."""
+    """Writes packed rows into shards of `rows_per_shard` rows, a record batch at a time: the driver holds one
+    batch of rows, not a shard. A shard appears under its name when complete; on an error the one being
+    written is removed."""
 
-    def __init__(self, directory: Path, rows_per_shard: int, next_index: int, next_seq_id: int) -> None:
+    def __init__(self, directory: Path, seq_len: int, rows_per_shard: int, next_index: int, next_seq_id: int) -> None:
         self.directory = directory
+        self.rows_per_batch = max(1, TOKENS_BATCH_TOKENS // seq_len)
         self.rows_per_shard = rows_per_shard
         self.next_index = next_index
         self.next_seq_id = next_seq_id
-        self.rows: list[PackedRow] = []
+        self.batch: list[PackedRow] = []
+        self.shard_rows = self.shard_tokens = 0
+        self._open_shard = contextlib.ExitStack()
+        self._write = None
         directory.mkdir(parents=True, exist_ok=True)
 
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._open_shard.__exit__(*exc)
+
     def add(self, row: PackedRow) -> ShardInfo | None:
-        self.rows.append(row)
-        return self.close() if len(self.rows) == self.rows_per_shard else None
+        """Take a row; returns the shard it completes, if it does."""
+        self.batch.append(row)
+        if len(self.batch) == self.rows_per_batch or self.shard_rows + len(self.batch) == self.rows_per_shard:
+            self._write_batch()
+        return self.close() if self.shard_rows == self.rows_per_shard else None
 
     def close(self) -> ShardInfo | None:
-        """Write the rows collected so far as the next shard (None if there are none)."""
-        if not self.rows:
+        """Finish the shard being written (None if it has no row)."""
+        if self.batch:
+            self._write_batch()
+        if self._write is None:
             return None
-        table = tokens_table(
-            self.next_seq_id,
-            [row.input_ids for row in self.rows],
-            [row.segment_lengths for row in self.rows],
-            [row.source for row in self.rows],
-        )
-        name = shard_name(self.next_index)
-        seq_len = max(len(self.rows[0].input_ids), 1)
-        size, sha256 = write_arrow_shard(
-            self.directory / name, table, "tokens", rows_per_batch=max(1, TOKENS_BATCH_TOKENS // seq_len)
-        )
-        shard = ShardInfo(name, len(self.rows), sum(len(row.input_ids) for row in self.rows), size, sha256)
+        self._open_shard.close()  # renames it into place
+        path = self.directory / shard_name(self.next_index)
+        shard = ShardInfo(path.name, self.shard_rows, self.shard_tokens, path.stat().st_size, file_sha256(path))
         self.next_index += 1
-        self.next_seq_id += len(self.rows)
-        self.rows = []
+        self.next_seq_id += self.shard_rows
+        self.shard_rows = self.shard_tokens = 0
+        self._write = None
         return shard
+
+    def _write_batch(self) -> None:
+        if self._write is None:
+            path = self.directory / shard_name(self.next_index)
+            self._write = self._open_shard.enter_context(
+                arrow_shard_writer(path, tokens_schema(), "tokens", self.rows_per_batch)
+            )
+        rows = self.batch
+        self._write(
+            tokens_table(
+                self.next_seq_id + self.shard_rows,
+                [row.input_ids for row in rows],
+                [row.segment_lengths for row in rows],
+                [row.source for row in rows],
+            )
+        )
+        self.shard_rows += len(rows)
+        self.shard_tokens += sum(len(row.input_ids) for row in rows)
+        self.batch = []
 
 
 class _Journal:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,18 +134,25 @@ class ShardInfo:
     sha256: str
 
 
-def write_arrow_shard(path: Path, table, kind: str, rows_per_batch: int) -> tuple[int, str]:
-    """Validate `table` against schemas/KIND-shard and write it atomically as an Arrow IPC file
-    with zstd buffers; returns (bytes, sha256)."""
+@contextlib.contextmanager
+def arrow_shard_writer(path: Path, schema, kind: str, rows_per_batch: int) -> Iterator[Callable]:
+    """A function that appends a table to `path`, an Arrow IPC file with zstd buffers, in record batches of at
+    most `rows_per_batch` rows. The schema is validated against schemas/KIND-shard first; the file is written
+    under a temporary name and appears as `path` only when the block ends without error."""
     import pyarrow as pa
 
-    validate(f"{kind}-shard", describe_arrow_schema(table.schema, kind), str(path))
+    validate(f"{kind}-shard", describe_arrow_schema(schema, kind), str(path))
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with atomic_path(path) as temporary:
-        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
-            writer.write_table(table, max_chunksize=max(1, rows_per_batch))
-        size, sha256 = temporary.stat().st_size, file_sha256(temporary)
-    return size, sha256
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
+            yield lambda table: writer.write_table(table, max_chunksize=max(1, rows_per_batch))
+
+
+def write_arrow_shard(path: Path, table, kind: str, rows_per_batch: int) -> tuple[int, str]:
+    """`table` as a shard at `path` (see arrow_shard_writer); returns (bytes, sha256)."""
+    with arrow_shard_writer(path, table.schema, kind, rows_per_batch) as write:
+        write(table)
+    return path.stat().st_size, file_sha256(path)
 
 
 def open_arrow_shard(path: Path, kind: str):
