@@ -184,7 +184,7 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
         loading = loader.submit(load_tokenizer, config.tokenizer)
         init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
         tokenizer = loading.result()
-    info = tokenizer_info(config.tokenizer, tokenizer)
+    info = tokenizer_info(config.tokenizer, tokenizer, tokenizer_sha256)
     encoder = encoder_spec(config.tokenizer, tokenizer)
     if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()

@@ -358,8 +358,9 @@ def _txt_chunks(unit: InputUnit, text_field: str, start_index: int, chunk_bytes:
 
 
 def _parquet_chunks(unit: InputUnit, text_field: str, start_row: int, chunk_bytes: int) -> Iterator[TextChunk]:
-    """The text column, read a batch of about `chunk_bytes` at a time from the row group holding `start_row`
-    on: memory is bounded by a chunk, not by the row group."""
+    """The text column alone, from the row group holding `start_row` on, read in batches of about
+    `chunk_bytes` (rows per batch from the row groups' metadata) with buffered stream reads: memory is
+    bounded by a row group's compressed column chunk and a batch, not by the row group's text."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -370,7 +371,7 @@ def _parquet_chunks(unit: InputUnit, text_field: str, start_row: int, chunk_byte
     groups = list(range(first_group, metadata.num_row_groups))
     first_row = int(group_ends[first_group - 1]) if first_group else 0
     text_bytes = sum(metadata.row_group(g).column(column).total_uncompressed_size for g in groups)
-    rows = sum(metadata.row_group(g).num_rows for g in groups)
+    rows = int(group_ends[-1]) - first_row if groups else 0
     batch_rows = max(1, min(1 << 16, chunk_bytes * rows // max(text_bytes, 1)))
     batches = file.iter_batches(batch_size=batch_rows, row_groups=groups, columns=[text_field])
     yield from _text_chunks((batch.column(0) for batch in batches), first_row, start_row, chunk_bytes)
@@ -382,11 +383,10 @@ def _hf_chunks(unit: InputUnit, text_field: str, start_row: int, chunk_bytes: in
     dataset = load_hf_dataset(unit.path, unit.hf_config, unit.hf_split).select_columns([text_field])
     table = dataset.with_format("arrow")
     first, end = unit.hf_rows
-    step = _SLICE_ROWS
 
     def arrays():
-        for row in range(max(first, start_row), end, step):
-            yield from table[row : min(row + step, end)].column(text_field).chunks
+        for row in range(max(first, start_row), end, _SLICE_ROWS):
+            yield from table[row : min(row + _SLICE_ROWS, end)].column(text_field).chunks
 
     yield from _text_chunks(arrays(), max(first, start_row), start_row, chunk_bytes)
 

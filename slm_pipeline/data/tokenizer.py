@@ -71,11 +71,12 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def tokenizer_info(spec: str, tokenizer) -> TokenizerInfo:
+def tokenizer_info(spec: str, tokenizer, sha256: str) -> TokenizerInfo:
+    """`sha256`: tokenizer_files_sha256 of the tokenizer's directory, which the caller has already computed."""
     return TokenizerInfo(
         name=spec,
         path=str(tokenizer_dir(spec).resolve()),
-        sha256=tokenizer_files_sha256(tokenizer_dir(spec)),
+        sha256=sha256,
         vocab_size=len(tokenizer),
         eos_id=int(tokenizer.eos_token_id),
     )
