@@ -50,10 +50,12 @@ def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored_as_transform
                         "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}  # fmt: skip
     (directory / "tokenizer.json").write_text(json.dumps(saved))
     tokenizer = load_tokenizer(str(directory))
+    # As prepare does, before any call: transformers' __call__ turns the saved settings off in the tokenizer.
+    spec = encoder_spec(str(directory), tokenizer)
     texts = python_docs()[:5]
     expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert 8 < min(len(ids) for ids in expected) and max(len(ids) for ids in expected) < 4096
-    assert Encoder(encoder_spec(str(directory), tokenizer)).encode(texts) == expected
+    assert Encoder(spec).encode(texts) == expected
 
 
 def write_lines(path, lines: list[bytes]):
