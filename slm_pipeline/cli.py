@@ -86,6 +86,8 @@ def _add_stage(commands, name: str, summary: str, description: str, examples: st
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from slm_pipeline.evaluation import probes
+
     parser = argparse.ArgumentParser(
         prog="slm",
         description="Selective Language Modeling (Rho-1) for long-context pretraining.",
@@ -262,14 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _add_stage(
         commands,
         "eval",
-        "held-out loss per source, and long-context probes (passkey, needles, variable tracking)",
+        "held-out loss per source, and long-context probes (RULER's retrieval, multi-hop, aggregation, QA)",
         """\
         Loss of MODEL (an HF directory, or a training run: its newest checkpoint) on every scorable token
         of DATASET's rows, overall and per source. If MODEL is a run that trained on DATASET, only the
         rows that run held out are used (RUN/heldout.json), so training rows never count. Then the
-        probes, built from the model's tokenizer: passkey retrieval and RULER-style single and multi-key
-        needles and variable tracking at depths 0-100% and lengths up to the model's maximum, scored by
-        the answer's teacher-forced log-probability and by exact match of greedy decoding.""",
+        probes, built from the model's tokenizer: RULER's four families — retrieval (passkey, single and
+        multi-key needles), multi-hop tracing (variable tracking, key chains), aggregation (common and
+        frequent words) and question answering over clean documents — at depths 0-100% and lengths up to
+        the model's maximum, scored by the answer's teacher-forced log-probability and by exact match of
+        greedy decoding.""",
         EVAL_EXAMPLE,
     )
     evaluate.add_argument("model", metavar="MODEL|RUN")
@@ -287,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe lengths in tokens (default: 256, 512, ... up to the model's maximum)",
     )
     evaluate.add_argument("--probe-samples", type=int, default=2, metavar="S", help="probes per cell (default: 2)")
+    evaluate.add_argument(
+        "--probe-tasks",
+        type=lambda text: text.split(","),
+        metavar="TASK,...",
+        help="which probes (default: all): " + ", ".join(probes.TASKS),
+    )
     evaluate.add_argument(
         "--longrange-evaluator",
         metavar="MODEL|RUN",

@@ -178,6 +178,8 @@ class EvalConfig:
     """Probe lengths in tokens; default 256, 512, ... up to the model's maximum."""
     probe_samples: int = 2
     """Probes per (task, length, depth) cell, each with its own hidden value."""
+    probe_tasks: list[str] | None = None
+    """Which probes (evaluation/probes.py TASKS); default all."""
     attn_implementation: str | None = None
     document_isolation: str = "packed"
     """How a packed row's documents are kept apart: `packed` (one forward per row; a probe at load refuses a
@@ -198,10 +200,7 @@ class EvalConfig:
             )
         if not 0.0 < self.longrange_top <= 1.0:
             raise SlmError(f"longrange_top must be in (0, 1], got {self.longrange_top}")
-        if self.probe_samples < 1:
-            raise SlmError(f"--probe-samples must be at least 1, got {self.probe_samples}")
-        if self.probe_lengths is not None and any(n < 256 for n in self.probe_lengths):
-            raise SlmError(f"--probe-lengths must be at least 256 tokens each, got {self.probe_lengths}")
+        check_probe_options(self.probe_tasks, self.probe_lengths, self.probe_samples)
         if self.max_rows is not None and self.max_rows < 1:
             raise SlmError(f"--max-rows must be at least 1, got {self.max_rows}")
         if self.batch_size < 1:
@@ -215,15 +214,22 @@ class CompareConfig:
 
     runs: dict[str, list[str]]
     """Name → training run directories, one per seed (a single directory is one seed)."""
-    dataset: str
-    """The dataset the runs trained on: each is evaluated on the rows it held out."""
-    clean_source: str
-    """The source whose held-out loss is the headline number (e.g. builtin:python-docs)."""
     out: str
-    """Directory for results.json, results.md and heldout_clean_loss.png."""
+    """Directory for results.json, results.md, report.html and the plots."""
+    dataset: str | None = None
+    """The dataset the runs trained on: each is evaluated on the rows it held out. Without it, probes only
+    (runs that trained on different data, e.g. a base model and its context extensions)."""
+    clean_source: str | None = None
+    """The source whose held-out loss is the headline number (e.g. builtin:python-docs); needs `dataset`."""
     noisy_source: str | None = None
+    tokenizer: str | None = None
+    """The tokenizer the probes are built with; default the dataset's."""
     probes: bool = True
+    probe_lengths: list[int] | None = None
+    """Probe lengths in tokens, the same for every run; default 256, 512, ... up to each model's maximum."""
     probe_samples: int = 2
+    probe_tasks: list[str] | None = None
+    """Which probes (evaluation/probes.py TASKS); default all."""
     longrange: dict | None = None
     """{evaluator: MODEL, window: W, stride: S, top: 0.1}: each run's `heldout_longrange_loss` on the held-out
     tokens whose long-context gain under the evaluator is in the top fraction (evaluation/longrange.py)."""
@@ -238,6 +244,32 @@ class CompareConfig:
         self.runs = {name: [dirs] if isinstance(dirs, str) else list(dirs) for name, dirs in self.runs.items()}
         if not self.runs or not all(self.runs.values()):
             raise SlmError("runs: name each compared run and give at least one run directory")
+        if (self.dataset is None) != (self.clean_source is None):
+            raise SlmError("dataset and clean_source: give both (held-out loss and probes) or neither (probes only)")
+        if self.dataset is None:
+            for key in ("noisy_source", "longrange"):
+                if getattr(self, key) is not None:
+                    raise SlmError(f"{key}: needs `dataset` (it is a held-out loss)")
+            if not (self.probes and self.tokenizer):
+                raise SlmError("tokenizer: without `dataset`, compare runs the probes only and needs their tokenizer")
+        if self.tokenizer:
+            from slm_pipeline.data.tokenizer import tokenizer_dir
+
+            tokenizer_dir(self.tokenizer)  # a missing one is refused now, not after every training stage
+        check_probe_options(self.probe_tasks, self.probe_lengths, self.probe_samples)
+
+
+def check_probe_options(tasks: list[str] | None, lengths: list[int] | None, samples: int) -> None:
+    from slm_pipeline.evaluation.probes import SHORTEST_PROBE, TASKS
+
+    if unknown := sorted(set(tasks or ()) - set(TASKS)):
+        raise SlmError(f"probe_tasks (--probe-tasks): unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if tasks is not None and not tasks:
+        raise SlmError("probe_tasks (--probe-tasks): name at least one task, or leave it out for all")
+    if lengths is not None and (not lengths or min(lengths) < SHORTEST_PROBE):
+        raise SlmError(f"probe_lengths (--probe-lengths): each at least {SHORTEST_PROBE} tokens, got {lengths}")
+    if samples < 1:
+        raise SlmError(f"probe_samples (--probe-samples): at least 1, got {samples}")
 
 
 @dataclass

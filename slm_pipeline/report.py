@@ -90,7 +90,7 @@ def _selection_view(dataset: Path, manifest: dict, name: str) -> SelectionView:
     return view
 
 
-def _png(figure) -> str:
+def png_tag(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
@@ -106,7 +106,7 @@ def _histograms(series: dict[str, np.ndarray], title: str) -> str:
         axis.set_xlabel("nats")
         axis.set_ylabel("tokens")
     figure.suptitle(title)
-    return _png(figure)
+    return png_tag(figure)
 
 
 def _selected_fraction_figure(view: SelectionView, seq_len: int) -> str:
@@ -123,7 +123,7 @@ def _selected_fraction_figure(view: SelectionView, seq_len: int) -> str:
     sources = view.manifest["by_source"]
     by_source.barh(list(sources), [v["fraction"] for v in sources.values()], color="#dd8452")
     by_source.set(xlim=(0, 1), xlabel="selected fraction", title="by source")
-    return _png(figure)
+    return png_tag(figure)
 
 
 def _colour_scale(scores: np.ndarray, scorer: str):
@@ -144,7 +144,7 @@ def _colour_bar(colormap, norm, label: str) -> str:
     figure = Figure(figsize=(6, 0.5))
     ColorbarBase(figure.add_axes((0.05, 0.5, 0.9, 0.35)), cmap=colormap, norm=norm, orientation="horizontal")
     figure.axes[0].set_xlabel(label)
-    return _png(figure)
+    return png_tag(figure)
 
 
 def _token_html(pieces: list[str], row: dict, colormap, norm) -> str:
@@ -180,7 +180,7 @@ th { background: #f0f0f0; } img { max-width: 100%; }
 """
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -197,7 +197,7 @@ def render_report(dataset: Path, summary: dict) -> str:
         f'<p class="meta">{summary["rows"]:,} rows of {summary["seq_len"]:,} tokens, {summary["tokens"]:,} tokens in '
         f"{summary['shards']} shards ({summary['bytes_per_token']:.2f} bytes/token); tokenizer "
         f"{html.escape(summary['tokenizer'])}. Statistics over the first {REPORT_TOKENS:,} tokens.</p>",
-        _table(
+        html_table(
             ["source", "documents", "tokens"],
             [[name, f"{v['documents']:,}", f"{v['tokens']:,}"] for name, v in summary["sources"].items()],
         ),
@@ -205,7 +205,7 @@ def render_report(dataset: Path, summary: dict) -> str:
     ]
     if summary["scores"]:
         parts.append(
-            _table(
+            html_table(
                 ["name", "model", "mean loss"],
                 [[name, v["model"], f"{v['mean_loss']:.4f}"] for name, v in summary["scores"].items()],
             )
@@ -222,7 +222,7 @@ def render_report(dataset: Path, summary: dict) -> str:
             f"{html.escape(gain['long'])}</h3>",
             f'<p class="meta">How much the loss falls when the model sees the whole row rather than a window: '
             f"mean {gain['mean_gain']:.4f} nats. High where far context predicts the token.</p>",
-            _table(
+            html_table(
                 ["positions in the row", "tokens", "mean gain (nats)"],
                 [
                     [
@@ -261,7 +261,7 @@ def render_report(dataset: Path, summary: dict) -> str:
         parts.append(_histograms(series, f"selection {name}: scorable tokens"))
         parts.append(_selected_fraction_figure(view, manifest["seq_len"]))
         parts.append(
-            _table(
+            html_table(
                 ["distance from the document start", "scorable tokens", "kept"],
                 [
                     [f"{b['from']:,}–{b['to']:,}", f"{b['scorable']:,}", f"{b['fraction']:.1%}"]

@@ -227,7 +227,7 @@ def test_compare_puts_the_runs_side_by_side(job):
     assert results["rho1"]["heldout_clean_loss_spread"] == 0.0  # one seed
     [curve_point] = results["rho1"]["seeds"][0]["curve"]  # evaluated once, at the end
     assert curve_point == [3 * 4 * 96, pytest.approx(results["rho1"]["heldout_clean_loss"], rel=1e-4)]
-    table = (out / "comparison" / "results.md").read_text().splitlines()
+    table = (out / "comparison" / "results.md").read_text().split("\n\n")[0].splitlines()
     assert len(table) == 4 and table[2].startswith("| clm | 1,152 | ") and table[3].startswith("| rho1 | 1,152 | ")
     # The plot: one marker per run (one evaluation each), in matplotlib's first two colours, at the same
     # training-token count, the run with the higher loss drawn higher (image rows count down from the top).

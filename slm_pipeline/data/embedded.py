@@ -15,12 +15,19 @@ web pages have. Same Python version and seed, same documents.
 context predicts — whole standard-library modules (names defined far above their use),
 documentation that quotes its own earlier passages, registers of records recalled after a long
 stretch of other text — for measuring and selecting what needs long context.
+
+`builtin:retrieval` (clean, synthetic): documents that make retrieval learnable by a small model —
+facts hidden at random depths of clean documentation (an access code, a key's value, an item's
+number), then questions that recall them. Lengths spread from about 80 to 2,000 tokens. The phrasings
+differ from the probes' templates (evaluation/probes.py), so a model that solves a probe has learnt
+to look things up, not the probe's words.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import math
 import os
 import random
 import sysconfig
@@ -277,8 +284,77 @@ def _recalled_records(rng: random.Random) -> list[str]:
     return documents
 
 
+RETRIEVAL_SEED = 2468
+RETRIEVAL_DOCUMENTS = 3000
+RETRIEVAL_CHARS = (300, 8000)
+"""A document's length in characters, log-uniform: ~80 to ~2,000 tokens of the builtin tokenizer."""
+RETRIEVAL_CHARS_PER_FACT = 200
+"""About one fact per 50 tokens: dense enough that a small model's gradient sees lookups often."""
+RETRIEVAL_CHARS_PER_ITEM = 100
+RETRIEVAL_LIST_ITEMS = 40
+_VALUE_NAMES = ["code", "number", "key", "pin", "id", "value", "setting", "count"]
+
+
+_PROBE_WORDS = {"pass", "special", "magic", "box", "boxes", "maintained", "maintains", "var"}
+"""Kept out of the facts' names: the probes' own words (evaluation/probes.py)."""
+
+
+def _retrieval_facts(rng: random.Random, words: list[str], count: int) -> list[tuple[str, str]]:
+    """(a statement of a fact, a question about it followed by its answer) × count, in three phrasings, each
+    fact's name its own in the document. The names come from a large vocabulary, so recalling one means
+    finding where it was stated, not learning it."""
+    facts: dict[str, tuple[str, str]] = {}
+    while len(facts) < count:
+        value = str(rng.randint(10 ** (digits := rng.randint(3, 7)) // 10, 10**digits - 1))
+        name = f"{rng.choice(words)} {rng.choice(_VALUE_NAMES)}"
+        kind = rng.randrange(3)
+        if kind == 0:
+            fact = (
+                f"The {name} is {value}. Keep it safe: {value} is the {name}. ",
+                f"What is the {name}? The {name} is {value}.",
+            )
+        elif kind == 1:
+            key = f"{rng.choice(words)}-{rng.randint(10, 99)}"
+            fact = f"Record: the {name} of {key} is {value}. ", f"Look up {key}. The {name} of {key} is {value}."
+        else:
+            fact = f"Note that the {name} is {value}. ", f"Recall the {name}: it is {value}."
+        facts.setdefault(name, fact)
+    return list(facts.values())
+
+
+@functools.cache
+def retrieval() -> tuple[str, ...]:
+    """Clean documentation with facts at random depths, about one per 100 tokens, then a question on each, shuffled."""
+    rng = random.Random(RETRIEVAL_SEED)
+    words = [word for word in _vocabulary() if word not in _PROBE_WORDS]
+    paragraphs = [p for doc in python_docs() for p in doc.split("\n\n") if 100 < len(p) < 1500]
+    low, high = map(math.log, RETRIEVAL_CHARS)
+    documents = []
+    for _ in range(RETRIEVAL_DOCUMENTS):
+        length = math.exp(rng.uniform(low, high))
+        facts = _retrieval_facts(rng, words, 1 + int(length) // RETRIEVAL_CHARS_PER_FACT)
+        filler = []
+        while sum(len(p) for p in filler) < length:
+            filler.append(rng.choice(paragraphs))
+        text = "\n\n".join(filler)[: int(length)]
+        cuts = sorted(text.rfind(" ", 0, rng.randrange(len(text) + 1)) + 1 for _ in facts)  # between words
+        pieces = [
+            text[start:end] + statement for start, end, (statement, _) in zip([0, *cuts], cuts, facts, strict=False)
+        ]
+        questions = [question for _, question in rng.sample(facts, len(facts))]
+        # A list stated at the start and recalled word for word at the end: most of the recall is predictable
+        # only by copying, the dense signal that makes a small model learn to look back (induction heads).
+        count = min(RETRIEVAL_LIST_ITEMS, max(4, int(length) // RETRIEVAL_CHARS_PER_ITEM))
+        items = ", ".join(f"{rng.choice(words)} {rng.randint(10, 9999)}" for _ in range(count))
+        pieces.insert(0, f"Checklist: {items}.\n\n")
+        questions.append(f"The checklist again: {items}.")
+        documents.append("".join([*pieces, text[cuts[-1] :], "\n\n", " ".join(questions)]))
+    return tuple(documents)
+
+
 BUILTIN_CORPORA: dict[str, Callable[[], tuple[str, ...]]] = {
     "python-docs": python_docs,
     "web-noise": web_noise,
     "long-range": long_range,
+    "retrieval": retrieval,
 }

@@ -130,21 +130,46 @@ def _batches(rows, batch_size: int):
         yield batch
 
 
-def _probes(config: EvalConfig, model, model_dir: str, manifest: dict, device, show_progress: bool) -> dict:
-    """The probes, built with the model's own tokenizer if its directory has one, else the dataset's."""
+def run_model_probes(
+    model,
+    tokenizer_spec: str,
+    lengths: list[int] | None,
+    samples: int,
+    tasks: list[str] | None,
+    show_progress: bool,
+    seq_len: int | None = None,
+) -> dict:
+    """The probes at `lengths` (default 256, 512, ... up to the model's maximum, or `seq_len` for a model
+    that states none), built with the tokenizer."""
     from tqdm import tqdm
 
     from slm_pipeline.data.tokenizer import load_tokenizer
+    from slm_pipeline.evaluation.probes import TASKS
 
-    has_tokenizer = any((Path(model_dir) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(model_dir if has_tokenizer else manifest["tokenizer"]["name"])
-    longest = getattr(model.config, "max_position_embeddings", None) or manifest["seq_len"]
-    lengths = config.probe_lengths or probe_lengths(longest)
+    longest = getattr(model.config, "max_position_embeddings", None) or seq_len
+    lengths = lengths or probe_lengths(longest)
     if not lengths:
         print(f"probes: skipped, the model's context ({longest} tokens) is below {SHORTEST_PROBE}", file=sys.stderr)
         return {}
-    with tqdm(total=probe_count(lengths, config.probe_samples), desc="probes", disable=not show_progress) as bar:
-        return run_probes(model, tokenizer, lengths, config.probe_samples, device, bar)
+    tasks = tasks or TASKS
+    device = next(model.parameters()).device
+    with tqdm(total=probe_count(lengths, samples, tasks), desc="probes", disable=not show_progress) as bar:
+        return run_probes(model, load_tokenizer(tokenizer_spec), lengths, samples, device, bar, tasks)
+
+
+def _probe_tokenizer(model_dir: str, manifest: dict) -> str:
+    """The model's own tokenizer if its directory has one, else the dataset's."""
+    has_tokenizer = any((Path(model_dir) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return model_dir if has_tokenizer else manifest["tokenizer"]["name"]
+
+
+def probe_only(model_or_run: str, tokenizer: str, lengths, samples: int, tasks, show_progress: bool) -> dict:
+    """task → cells of a model's probes, without a dataset (compare's probes-only mode)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_eval(model_directory(model_or_run), None, 1, "packed", device)
+    return run_model_probes(model, tokenizer, lengths, samples, tasks, show_progress)
 
 
 def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
@@ -174,7 +199,12 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> EvalResult:
         scored = _row_losses(model, dataset, manifest, rows, config.batch_size, config.chunk_positions, progress)
     for row_loss, source in scored:
         losses.add(source, row_loss)
-    probes = _probes(config, model, model_dir, manifest, device, show_progress) if config.probes else {}
+    probes = (
+        run_model_probes(model, _probe_tokenizer(model_dir, manifest), config.probe_lengths, config.probe_samples,
+                         config.probe_tasks, show_progress, manifest["seq_len"])
+        if config.probes
+        else {}
+    )  # fmt: skip
 
     result = EvalResult(
         model=model_dir,

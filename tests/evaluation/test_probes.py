@@ -1,13 +1,29 @@
-"""Long-context probes: exact, deterministic construction, and scores equal to an independent
-computation (full logits for the log-probability, a real greedy `generate` for exact match)."""
+"""Long-context probes: exact, deterministic construction; each solvable from its context and only
+from it (reference solvers that read the text); scores equal to an independent computation (full
+logits for the log-probability, a real greedy `generate` for exact match)."""
 
 from __future__ import annotations
+
+import re
+from collections import Counter
 
 import pytest
 import torch
 
 from slm_pipeline.data.tokenizer import load_tokenizer
-from slm_pipeline.evaluation.probes import DEPTHS, TASKS, Probe, ProbeBuilder, probe_lengths, score_probe
+from slm_pipeline.evaluation.probes import (
+    DEPTHS,
+    KEY_CHAIN_DISTRACTORS,
+    KEY_CHAIN_HOPS,
+    TASKS,
+    Probe,
+    ProbeBuilder,
+    probe_lengths,
+    probe_summary,
+    run_probes,
+    score_probe,
+    task_depths,
+)
 from tests.models import load, save_tiny_llama
 
 
@@ -28,7 +44,11 @@ def test_probe_lengths_double_up_to_the_model_maximum():
     assert probe_lengths(128) == []  # too short for a haystack with four needles
 
 
-@pytest.mark.parametrize("task", TASKS)
+NUMBER_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "key_chain")
+"""The probes whose answer is a hidden 5-digit number."""
+
+
+@pytest.mark.parametrize("task", NUMBER_TASKS)
 @pytest.mark.parametrize("length", [256, 512])
 def test_probes_have_the_exact_length_and_hide_the_answer_at_the_depth(tokenizer, task, length):
     builder = ProbeBuilder(tokenizer)
@@ -59,6 +79,166 @@ def test_multikey_probe_has_distractor_needles_and_variable_tracking_a_chain(tok
     # VAR A = value. VAR B = VAR A. VAR C = VAR B. VAR D = VAR C. ... the value of VAR D? ... of VAR D is
     assert chain.count("VAR ") == 1 + 2 * 3 + 2
     assert f"= {tokenizer.decode(probe.answer).strip()}." in chain
+
+
+# Reference solvers: each reads the probe's text as a person would and answers from it alone.
+
+
+def _find(pattern: str, text: str) -> list[tuple[str, ...]]:
+    return [match if isinstance(match, tuple) else (match,) for match in re.findall(pattern, text)]
+
+
+def _question(text: str) -> str:
+    return text[text.rindex("?") - 200 :]
+
+
+def _chase(links: list[tuple[str, str]], values: dict[str, str], start: str) -> str:
+    """Follow the keys from `start`: every link's box is its own, and the chain has KEY_CHAIN_HOPS boxes."""
+    assert len({box for box, _ in links}) == len(links) == (KEY_CHAIN_HOPS - 1) * (1 + KEY_CHAIN_DISTRACTORS)
+    following, opens = start, dict(links)
+    for _ in range(KEY_CHAIN_HOPS - 1):
+        following = opens[following]
+    return values[following]
+
+
+def _listed_words(text: str) -> list[str]:
+    return text[text.index("Words:") + len("Words:") : text.rindex(".\n")].split()
+
+
+def solve(task: str, text: str) -> str:
+    question = _question(text)
+    if task == "passkey":
+        [(value,)] = set(_find(r"The pass key is (\d+)\.", text))
+        return value
+    if task in ("niah_single", "niah_multikey"):
+        [(key,)] = _find(r"magic number for (\w+)\?", question)
+        [(value,)] = _find(rf"magic numbers for {key} is: (\d+)\.", text)
+        return value
+    if task == "variable_tracking":
+        assigned = dict(_find(r"VAR (\w+) = (?:VAR )?(\w+)\.", text))
+        [(name,)] = _find(r"value of VAR (\w+)\?", question)
+        while not assigned[name].isdigit():
+            name = assigned[name]
+        return assigned[name]
+    if task == "key_chain":
+        [(start,)] = _find(r"Start at box (\w+)", question)
+        links = _find(r"Box (\w+) holds the key to box (\w+)\.", text)
+        return _chase(links, dict(_find(r"Box (\w+) holds the number (\d+)\.", text)), start)
+    if task == "qa":
+        [(module,)] = _find(r"who maintains the (\w+) module\?", question)
+        return dict(_find(r"the (\w+) module is maintained by (\w+ \w+)\.", text))[module]
+    words = _listed_words(text)
+    ranked = Counter(words).most_common()
+    top = [word for word, _ in ranked[:3]]
+    if task == "common_words":
+        assert ranked[0][1] == ranked[2][1] > ranked[3][1]  # three equally common words, then the rest
+        return " ".join(sorted(top, key=words.index))
+    assert ranked[0][1] > ranked[1][1] > ranked[2][1] > ranked[3][1]  # most frequent first is unambiguous
+    return " ".join(top)
+
+
+def question_text(text: str) -> str:
+    """The question, after the context's last full stop."""
+    return text[text.rindex(".") + 1 :]
+
+
+def solve_without_telling_needles_apart(task: str, text: str) -> str:
+    """Reads the context but takes the first answer-shaped thing in it, whatever the question asks."""
+    if task in ("common_words", "frequent_words"):
+        return " ".join(list(dict.fromkeys(_listed_words(text)))[:3])
+    if task == "qa":
+        return _find(r"maintained by (\w+ \w+)\.", text)[0][0]
+    return _find(r"(?:is:? |= |number )(\d{5})\.", text)[0][0]
+
+
+PROBES_SOLVED = [(task, length) for task in TASKS for length in (256, 1024)]
+
+
+@pytest.mark.parametrize(("task", "length"), PROBES_SOLVED)
+def test_a_solver_that_reads_the_context_answers_every_probe(tokenizer, task, length):
+    builder = ProbeBuilder(tokenizer)
+    cells = [(depth, sample) for depth in task_depths(task) for sample in range(4)]
+    probes = [builder.build(task, length, depth, sample) for depth, sample in cells]
+    answers = []
+    for probe, (depth, sample) in zip(probes, cells, strict=True):
+        assert len(probe.prompt) + len(probe.answer) == length
+        assert probe == builder.build(task, length, depth, sample)  # deterministic
+        answer, text = tokenizer.decode(probe.answer).strip(), tokenizer.decode(probe.prompt)
+        assert solve(task, text) == answer
+        assert not set(answer.split()) & set(question_text(text).split())  # the question does not give it away
+        answers.append(answer)
+    # A solver that ignores the context can at best give the commonest answer: chance, one name in twelve for qa.
+    [(_, commonest)] = Counter(answers).most_common(1)
+    assert commonest <= len(probes) // 3
+
+
+MAGIC = r"One of the special magic numbers for {0} is: \d+\. "
+ANSWER_NEEDLES = {  # (the question's key, the needle it leads to, every needle of the task), as a reader finds them
+    "passkey": (None, r"The pass key is \d+\. Remember it\. \d+ is the pass key\. ", None),
+    "niah_single": (r"magic number for (\w+)\?", MAGIC, MAGIC.format(r"\w+")),
+    "niah_multikey": (r"magic number for (\w+)\?", MAGIC, MAGIC.format(r"\w+")),
+    "variable_tracking": (None, r"VAR \w+ = {answer}\. ", r"VAR [^.]+\. "),
+    "key_chain": (r"Start at box (\w+)", r"Box {0} holds [^.]+\. ", r"Box \w+ holds [^.]+\. "),
+    "qa": (
+        r"who maintains the (\w+) module\?",
+        r"Document: the {0} module [^.]+\.\n\n",
+        r"Document: the \w+ module [^.]+\.\n\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("task", ANSWER_NEEDLES)
+def test_the_answers_needle_is_at_the_depth(tokenizer, task):
+    """Where the needle the question leads to starts, as a fraction of the filler (the text before the question,
+    needles left out): within a filler sentence of the depth, or for qa, whose filler is whole documents,
+    between two documents (at 100%, after the last one, cut to make the length exact)."""
+    builder = ProbeBuilder(tokenizer)
+    question, needle, needles = ANSWER_NEEDLES[task]
+    for depth in DEPTHS:
+        for sample in range(3):
+            probe = builder.build(task, 1024, depth, sample)
+            text = tokenizer.decode(probe.prompt)
+            context = text[: text.rindex(".") + 1]  # the question follows the last full stop
+            names = _find(question, text[-300:])[0] if question else ()
+            [found] = re.finditer(needle.format(*names, answer=tokenizer.decode(probe.answer).strip()), text)
+            before = context[: found.start()]
+            filler_before, filler = (len(re.sub(needles or needle, "", part)) for part in (before, context))
+            if task == "qa":  # at 100%: after the last document, cut to make the length exact
+                assert depth == 1.0 or found.start() == 0 or before.endswith("\n\n"), (depth, sample)
+                assert abs(filler_before / filler - depth) < 0.15, (depth, sample)
+            else:
+                assert abs(filler_before / filler - depth) < 0.03, (depth, sample)
+
+
+def test_variable_tracking_states_its_chain_in_order():
+    tokenizer = load_tokenizer("builtin:pydoc-bpe-4k")
+    for depth in DEPTHS:
+        text = tokenizer.decode(ProbeBuilder(tokenizer).build("variable_tracking", 1024, depth, 0).prompt)
+        assigned = _find(r"VAR (\w+) = (?:VAR )?(\w+)\.", text)
+        assert [value for _, value in assigned[1:]] == [name for name, _ in assigned[:-1]]  # each names the last
+
+
+def test_probes_with_distractors_need_the_question_read(tokenizer):
+    """Taking the first number (name, listed words) in the context fails often where distractors exist."""
+    builder = ProbeBuilder(tokenizer)
+    for task in ("niah_multikey", "key_chain", "qa", "common_words", "frequent_words"):  # variable_tracking: none
+        probes = [builder.build(task, 512, depth, s) for depth in task_depths(task) for s in range(8)]
+        answers = [tokenizer.decode(p.answer).strip() for p in probes]
+        guesses = [solve_without_telling_needles_apart(task, tokenizer.decode(p.prompt)) for p in probes]
+        assert sum(g == a for g, a in zip(guesses, answers, strict=True)) <= len(probes) // 2, task
+
+
+def test_every_probe_task_runs_and_is_summarised_by_length(tokenizer, model):
+    results = run_probes(model, tokenizer, [256, 512], 1, "cpu")
+    assert list(results) == list(TASKS)
+    for task, cells in results.items():
+        assert [(c["length"], c["depth"]) for c in cells] == [(n, d) for n in (256, 512) for d in task_depths(task)]
+    assert list(run_probes(model, tokenizer, [256], 1, "cpu", tasks=("qa", "passkey"))) == ["qa", "passkey"]
+    summary = probe_summary(results)
+    for task, cells in results.items():
+        for length in (256, 512):
+            at = [c["answer_logprob"] for c in cells if c["length"] == length]
+            assert summary[task]["by_length"][length]["answer_logprob"] == pytest.approx(sum(at) / len(at))
 
 
 @pytest.fixture(scope="module")
