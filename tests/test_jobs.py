@@ -43,7 +43,7 @@ stages:
         learning_rate: 0.0003, heldout_rows: 4, wandb: {mode: disabled}}
   eval: {run: eval, model: "{out}/rho1", dataset: "{out}/data", batch_size: 3}
   compare: {run: compare, runs: {clm: "{out}/clm", rho1: ["{out}/rho1"]}, dataset: "{out}/data", clean_source: CORPUS,
-            out: "{out}/comparison"}
+            probe_tasks: [passkey, qa], probe_lengths: [256], out: "{out}/comparison"}
   report: {run: inspect, dataset: "{out}/data", html: "{out}/report.html"}
 """
 """The recipe in miniature: prepare, two models, both scored, a selection, Rho-1 and CLM, eval, compare, report."""
@@ -220,6 +220,8 @@ def test_compare_puts_the_runs_side_by_side(job):
     # the same held-out rows (same heldout seed), the same evaluation as the eval stage's of rho1
     assert results["rho1"]["heldout_clean_loss"] == pytest.approx(evaluated["by_source"][corpus]["loss"], rel=1e-6)
     assert results["rho1"]["passkey_logprob"] == pytest.approx(evaluated["probe_summary"]["passkey"]["answer_logprob"])
+    assert list(results["rho1"]["seeds"][0]["probes"]) == ["passkey", "qa"]  # probe_tasks, at probe_lengths
+    assert {key.split("@")[1] for key in results["rho1"] if "@" in key and "spread" not in key} == {"256"}
     # and clm's is its own run's: its checkpoint on its held-out rows, recomputed with full logits
     [(clm_total, clm_count)] = naive_heldout_loss(out / "clm", read_table(out / "data" / "tokens")).values()
     assert results["clm"]["heldout_clean_loss"] == pytest.approx(clm_total / clm_count, abs=1e-4)

@@ -54,13 +54,17 @@ def probe_metrics(summary: dict) -> dict:
     return metrics
 
 
+def _training_totals(run: str) -> dict:
+    """The run, and the tokens and steps it trained for (its last metrics.jsonl record)."""
+    last = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"run": run, "tokens": last["tokens_seen"], "steps": last["step"]}
+
+
 def _probes_only(config: CompareConfig, run: str) -> dict:
     cells = probe_only(
         run, config.tokenizer, config.probe_lengths, config.probe_samples, config.probe_tasks, show_progress=False
     )
-    metrics = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"run": run, "tokens": metrics["tokens_seen"], "steps": metrics["step"],
-            **probe_metrics(probe_summary(cells)), "probes": cells, "curve": []}  # fmt: skip
+    return {**_training_totals(run), **probe_metrics(probe_summary(cells)), "probes": cells, "curve": []}
 
 
 def _run_metrics(config: CompareConfig, run: str) -> dict:
@@ -83,13 +87,10 @@ def _run_metrics(config: CompareConfig, run: str) -> dict:
         raise SlmError(f"runs: {run} did not train on {config.dataset} (no held-out rows of it)")
     if config.clean_source not in evaluation.by_source:
         raise SlmError(f"clean_source: no held-out row of {run} comes from {config.clean_source!r}")
-    metrics = json.loads((Path(run) / "metrics.jsonl").read_text().splitlines()[-1])
     result = {
-        "run": run,
+        **_training_totals(run),
         "heldout_clean_loss": evaluation.by_source[config.clean_source]["loss"],
         "heldout_loss": evaluation.loss,
-        "tokens": metrics["tokens_seen"],
-        "steps": metrics["step"],
         **probe_metrics(evaluation.probe_summary),
         "probes": evaluation.probes,
         "curve": _curve(Path(run), config.clean_source),
@@ -177,7 +178,7 @@ def table_lines(results: dict, config: CompareConfig) -> list[str]:
     return lines
 
 
-def _probe_lengths(results: dict) -> tuple[list[str], list[int]]:
+def _probed(results: dict) -> tuple[list[str], list[int]]:
     """(the probes run, the lengths any run was probed at), from the runs' first seeds."""
     first_seeds = [r["seeds"][0]["probes"] for r in results.values()]
     tasks = list(dict.fromkeys(task for probes in first_seeds for task in probes))
@@ -200,7 +201,7 @@ def length_table_rows(results: dict, task: str, lengths: list[int]) -> list[list
 def results_markdown(results: dict, config: CompareConfig) -> list[str]:
     """The summary table, then per probe its exact match (answer log-prob) by length."""
     lines = table_lines(results, config)
-    tasks, lengths = _probe_lengths(results)
+    tasks, lengths = _probed(results)
     for task in tasks:
         lines += ["", f"{task}: exact match (answer log-prob) by length, mean over depths and seeds", ""]
         lines.append("| run | " + " | ".join(f"{length:,}" for length in lengths) + " |")
@@ -214,7 +215,7 @@ def figure_makers(results: dict, config: CompareConfig) -> dict:
     makers = {}
     if config.dataset:
         makers["heldout_clean_loss.png"] = lambda: _loss_curves(results, config)
-    tasks, lengths = _probe_lengths(results)
+    tasks, lengths = _probed(results)
     if tasks:
         makers["accuracy_by_length.png"] = lambda: _accuracy_by_length(results, tasks, lengths)
     if any(r["depth_length"] for r in results.values()):
@@ -311,7 +312,7 @@ def write_compare_report(path: Path, results: dict, config: CompareConfig, figur
         "<h1>slm-pipeline comparison</h1>",
         html_table([c.strip() for c in summary[0]], [[c.strip() for c in row] for row in summary[2:]]),
     ]
-    tasks, lengths = _probe_lengths(results)
+    tasks, lengths = _probed(results)
     if tasks:
         parts.append("<h2>Exact match (answer log-prob) by probe length</h2>")
         for task in tasks:

@@ -13,8 +13,6 @@ import torch
 from slm_pipeline.data.tokenizer import load_tokenizer
 from slm_pipeline.evaluation.probes import (
     DEPTHS,
-    KEY_CHAIN_DISTRACTORS,
-    KEY_CHAIN_HOPS,
     TASKS,
     Probe,
     ProbeBuilder,
@@ -92,11 +90,16 @@ def _question(text: str) -> str:
     return text[text.rindex("?") - 200 :]
 
 
+CHAIN_BOXES, CHAINS = 3, 3
+"""key_chain as docs/evaluation.md states it: a chain of three boxes among two distractor chains."""
+
+
 def _chase(links: list[tuple[str, str]], values: dict[str, str], start: str) -> str:
-    """Follow the keys from `start`: every link's box is its own, and the chain has KEY_CHAIN_HOPS boxes."""
-    assert len({box for box, _ in links}) == len(links) == (KEY_CHAIN_HOPS - 1) * (1 + KEY_CHAIN_DISTRACTORS)
+    """Follow the keys from `start`: every link's box is its own, and the chain has CHAIN_BOXES boxes."""
+    assert len({box for box, _ in links}) == len(links) == (CHAIN_BOXES - 1) * CHAINS
+    assert len(values) == CHAINS
     following, opens = start, dict(links)
-    for _ in range(KEY_CHAIN_HOPS - 1):
+    for _ in range(CHAIN_BOXES - 1):
         following = opens[following]
     return values[following]
 
