@@ -223,7 +223,7 @@ class CompareConfig:
     """The source whose held-out loss is the headline number (e.g. builtin:python-docs); needs `dataset`."""
     noisy_source: str | None = None
     tokenizer: str | None = None
-    """The tokenizer the probes are built with; default the dataset's."""
+    """Without `dataset`: the tokenizer the probes are built with (with it, the model's own, else the dataset's)."""
     probes: bool = True
     probe_lengths: list[int] | None = None
     """Probe lengths in tokens, the same for every run; default 256, 512, ... up to each model's maximum."""
@@ -252,6 +252,8 @@ class CompareConfig:
                     raise SlmError(f"{key}: needs `dataset` (it is a held-out loss)")
             if not (self.probes and self.tokenizer):
                 raise SlmError("tokenizer: without `dataset`, compare runs the probes only and needs their tokenizer")
+        elif self.tokenizer:
+            raise SlmError("tokenizer: only without `dataset`; with it, the probes use the model's or the dataset's")
         if self.tokenizer:
             from slm_pipeline.data.tokenizer import tokenizer_dir
 

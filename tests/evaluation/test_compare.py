@@ -40,6 +40,7 @@ def test_runs_with_other_seed_counts_each_say_theirs():
     ("keys", "message"),
     [
         ({"dataset": "d"}, "dataset and clean_source: give both"),
+        ({"dataset": "d", "clean_source": "c", "tokenizer": "builtin:pydoc-bpe-4k"}, "tokenizer: only without"),
         ({"clean_source": "clean"}, "dataset and clean_source: give both"),
         ({}, "tokenizer: without `dataset`"),
         ({"tokenizer": "builtin:pydoc-bpe-4k", "probes": False}, "tokenizer: without `dataset`"),
