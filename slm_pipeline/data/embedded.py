@@ -285,13 +285,15 @@ def _recalled_records(rng: random.Random) -> list[str]:
 
 
 RETRIEVAL_SEED = 2468
-RETRIEVAL_DOCUMENTS = 3000
+RETRIEVAL_DOCUMENTS = 2000
 RETRIEVAL_CHARS = (300, 8000)
 """A document's length in characters, log-uniform: ~80 to ~2,000 tokens of the builtin tokenizer."""
 RETRIEVAL_CHARS_PER_FACT = 200
 """About one fact per 50 tokens: dense enough that a small model's gradient sees lookups often."""
-RETRIEVAL_CHARS_PER_ITEM = 100
-RETRIEVAL_LIST_ITEMS = 40
+RETRIEVAL_CHARS_PER_LIST = 200
+RETRIEVAL_LIST_ITEMS = (4, 12)
+RETRIEVAL_MIN_GAP = 40
+"""The shortest distance in characters from a statement to its recall; the longest is the document."""
 _VALUE_NAMES = ["code", "number", "key", "pin", "id", "value", "setting", "count"]
 
 
@@ -311,44 +313,64 @@ def _retrieval_facts(rng: random.Random, words: list[str], count: int) -> list[t
         if kind == 0:
             fact = (
                 f"The {name} is {value}. Keep it safe: {value} is the {name}. ",
-                f"What is the {name}? The {name} is {value}.",
+                f"What is the {name}? The {name} is {value}. ",
             )
         elif kind == 1:
             key = f"{rng.choice(words)}-{rng.randint(10, 99)}"
-            fact = f"Record: the {name} of {key} is {value}. ", f"Look up {key}. The {name} of {key} is {value}."
+            fact = f"Record: the {name} of {key} is {value}. ", f"Look up {key}. The {name} of {key} is {value}. "
         else:
-            fact = f"Note that the {name} is {value}. ", f"Recall the {name}: it is {value}."
+            fact = f"Note that the {name} is {value}. ", f"Recall the {name}: it is {value}. "
         facts.setdefault(name, fact)
     return list(facts.values())
 
 
+def _retrieval_lists(rng: random.Random, words: list[str], count: int) -> list[tuple[str, str]]:
+    """(a labelled list, the same list recalled word for word) × count: most of a recall is predictable only by
+    copying, the dense signal that makes a small model learn to look back (induction heads)."""
+    labels = rng.sample(words, count)
+    lists = []
+    for label in labels:
+        items = ", ".join(
+            f"{rng.choice(words)} {rng.randint(10, 9999)}" for _ in range(rng.randint(*RETRIEVAL_LIST_ITEMS))
+        )
+        lists.append((f"Checklist {label}: {items}. ", f"Checklist {label} again: {items}. "))
+    return lists
+
+
+def _word_boundary(text: str, position: int) -> int:
+    return text.rfind(" ", 0, position) + 1
+
+
 @functools.cache
 def retrieval() -> tuple[str, ...]:
-    """Clean documentation with facts at random depths, about one per 100 tokens, then a question on each, shuffled."""
+    """Clean documentation with facts and lists stated at random depths, each recalled further on, at a
+    distance log-uniform from a sentence to the whole document: every row length sees recalls it can
+    learn, since a document longer than a row is cut into pieces that cannot see each other."""
     rng = random.Random(RETRIEVAL_SEED)
     words = [word for word in _vocabulary() if word not in _PROBE_WORDS]
     paragraphs = [p for doc in python_docs() for p in doc.split("\n\n") if 100 < len(p) < 1500]
     low, high = map(math.log, RETRIEVAL_CHARS)
     documents = []
     for _ in range(RETRIEVAL_DOCUMENTS):
-        length = math.exp(rng.uniform(low, high))
-        facts = _retrieval_facts(rng, words, 1 + int(length) // RETRIEVAL_CHARS_PER_FACT)
+        length = int(math.exp(rng.uniform(low, high)))
+        pairs = _retrieval_facts(rng, words, 1 + length // RETRIEVAL_CHARS_PER_FACT)
+        pairs += _retrieval_lists(rng, words, 1 + length // RETRIEVAL_CHARS_PER_LIST)
         filler = []
         while sum(len(p) for p in filler) < length:
             filler.append(rng.choice(paragraphs))
-        text = "\n\n".join(filler)[: int(length)]
-        cuts = sorted(text.rfind(" ", 0, rng.randrange(len(text) + 1)) + 1 for _ in facts)  # between words
-        pieces = [
-            text[start:end] + statement for start, end, (statement, _) in zip([0, *cuts], cuts, facts, strict=False)
-        ]
-        questions = [question for _, question in rng.sample(facts, len(facts))]
-        # A list stated at the start and recalled word for word at the end: most of the recall is predictable
-        # only by copying, the dense signal that makes a small model learn to look back (induction heads).
-        count = min(RETRIEVAL_LIST_ITEMS, max(4, int(length) // RETRIEVAL_CHARS_PER_ITEM))
-        items = ", ".join(f"{rng.choice(words)} {rng.randint(10, 9999)}" for _ in range(count))
-        pieces.insert(0, f"Checklist: {items}.\n\n")
-        questions.append(f"The checklist again: {items}.")
-        documents.append("".join([*pieces, text[cuts[-1] :], "\n\n", " ".join(questions)]))
+        text = "\n\n".join(filler)[:length]
+        inserts = []  # (where in the filler, statement before recall, text)
+        for statement, recall in pairs:
+            drawn = rng.randrange(len(text) + 1)
+            gap = math.exp(rng.uniform(math.log(RETRIEVAL_MIN_GAP), math.log(max(length, RETRIEVAL_MIN_GAP))))
+            stated = _word_boundary(text, drawn)
+            recalled = max(stated, _word_boundary(text, min(len(text), int(drawn + gap))))
+            inserts += [(stated, 0, statement), (recalled, 1, recall)]
+        pieces, done = [], 0
+        for where, _, insert in sorted(inserts, key=lambda item: item[:2]):
+            pieces += [text[done:where], insert]
+            done = where
+        documents.append("".join([*pieces, text[done:]]))
     return tuple(documents)
 
 
