@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="target tokens per shard, in whole rows (default: 33554432)",
     )
     prepare.add_argument(
+        "--bos", action="store_true", help="open each document with the tokenizer's BOS token (else its EOS)"
+    )
+    prepare.add_argument(
         "--overwrite", action="store_true", help="replace a dataset prepared from other inputs or options"
     )
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")

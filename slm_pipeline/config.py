@@ -31,6 +31,10 @@ class PrepareConfig:
     """Target tokens per shard (whole rows; ~32M tokens ≈ 50–80 MB of zstd Arrow)."""
     overwrite: bool = False
     """Replace a finished dataset prepared from other inputs or options."""
+    bos: bool = False
+    """Open each document with the tokenizer's BOS token (its EOS where it names none, as GPT-2's does). Under
+    document masking a document sees nothing before its first token; a fixed one gives attention somewhere to
+    rest, without which a small model learns to look back (induction heads) far later."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -185,7 +185,7 @@ def prepare(config: PrepareConfig, show_progress: bool = True) -> PrepareSummary
         init_ray()  # before anything is removed or written: a cluster that does not answer leaves all as it was
         tokenizer = loading.result()
     info = tokenizer_info(config.tokenizer, tokenizer, tokenizer_sha256)
-    encoder = encoder_spec(config.tokenizer, tokenizer)
+    encoder = encoder_spec(config.tokenizer, tokenizer, config.bos)
     if manifest_path.exists():  # another dataset, and --overwrite
         manifest_path.unlink()
         for derived in ("scores", "selections"):  # they describe the old tokens
@@ -401,6 +401,8 @@ def _dataset_fingerprint(config: PrepareConfig, tokenizer_sha256: str, units: li
         "rows_per_shard": config.rows_per_shard,
         "units": [dataclasses.asdict(unit) for unit in units],
     }
+    if config.bos:  # absent when off: datasets prepared before the option keep their identity
+        identity["bos"] = True
     return fingerprint(identity)
 
 
@@ -430,6 +432,7 @@ def _manifest(
             "text_field": config.text_field,
             "on_error": config.on_error,
             "shard_tokens": config.shard_tokens,
+            "bos": config.bos,
         },
         "fingerprint": dataset_fingerprint,
     }

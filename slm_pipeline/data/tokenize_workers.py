@@ -35,7 +35,7 @@ class TokenizedChunk:
     records: list[int]
     """Record index (line or row) of each record."""
     lengths: np.ndarray
-    """int64 per record: its tokens, EOS included; 0 for a bad record."""
+    """int64 per record: its tokens, BOS (if asked) and EOS included; 0 for a bad record."""
     token_ids: np.ndarray
     """int32: the documents' tokens back to back."""
     bad: dict[int, tuple[str, str]]
@@ -57,6 +57,7 @@ class TokenizeWorker:
     def __init__(self, encoder: EncoderSpec, units: list[InputUnit], text_field: str) -> None:
         self.encoder = Encoder(encoder)
         self.eos_id = encoder.eos_id
+        self.opening = [] if encoder.bos_id is None else [encoder.bos_id]
         self.units = units
         self.text_field = text_field
 
@@ -70,10 +71,9 @@ class TokenizeWorker:
             if record.text is None:
                 bad[position] = (record.skip_reason, record.message)
                 continue
-            ids = next(encoded)
+            ids = [*self.opening, *next(encoded), self.eos_id]
             token_ids.extend(ids)
-            token_ids.append(self.eos_id)
-            lengths[position] = len(ids) + 1
+            lengths[position] = len(ids)
         return TokenizedChunk(unit, [record.index for record in records], lengths, np.array(token_ids, np.int32), bad)
 
 

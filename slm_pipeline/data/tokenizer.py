@@ -82,6 +82,12 @@ def tokenizer_info(spec: str, tokenizer, sha256: str) -> TokenizerInfo:
     )
 
 
+def document_opening_id(tokenizer) -> int:
+    """The tokenizer's BOS token, or its EOS where it names no BOS: what stood before every document of
+    GPT-2-style training, where documents were separated by EOS and not masked apart."""
+    return int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """What a tokenizer worker needs to encode exactly as `tokenizer(texts, add_special_tokens=False)` does.
@@ -95,13 +101,16 @@ class EncoderSpec:
     eos_id: int
     backend_json: str | None
     split_special_tokens: bool
+    bos_id: int | None = None
+    """The token that opens each document, if any."""
 
 
-def encoder_spec(spec: str, tokenizer) -> EncoderSpec:
+def encoder_spec(spec: str, tokenizer, bos: bool = False) -> EncoderSpec:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return EncoderSpec(
         name=spec,
         eos_id=int(tokenizer.eos_token_id),
+        bos_id=document_opening_id(tokenizer) if bos else None,
         backend_json=backend.to_str() if backend is not None else None,
         split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
     )

@@ -115,6 +115,26 @@ def test_rerun_of_a_finished_dataset_is_a_no_op(by_workers):
     assert changed.returncode == 1 and "pass --overwrite" in changed.stderr
 
 
+def test_bos_opens_every_document_and_is_part_of_the_datasets_identity(corpus, tmp_path):
+    root, documents = corpus
+    out = tmp_path / "ds"
+    args = ["prepare", str(root), "--tokenizer", TOKENIZER, "--seq-len", "256", "--out", str(out), "--no-progress"]
+    run_slm(*args, "--bos", "--workers", "2")
+    manifest, table = read_dataset(out)
+    tokenizer = load_tokenizer(TOKENIZER)
+    opening = tokenizer.bos_token_id  # the builtin tokenizer's BOS is its EOS, <|endoftext|>, as GPT-2's
+    expected = [
+        [opening, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        for _, text in documents
+    ]
+    flat = np.concatenate([np.asarray(ids) for ids in table.column("input_ids").to_pylist()])
+    np.testing.assert_array_equal(flat, np.concatenate([np.asarray(e) for e in expected]))
+    assert manifest["options"]["bos"] is True and manifest["tokens"] == sum(map(len, expected))
+
+    without = run_slm(*args, check=False)  # the same inputs without --bos are another dataset
+    assert without.returncode == 1 and "pass --overwrite" in without.stderr
+
+
 def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_output(ray_address, tmp_path):
     args = [
         "builtin:python-docs",
