@@ -71,9 +71,11 @@ class TokenizeWorker:
             if record.text is None:
                 bad[position] = (record.skip_reason, record.message)
                 continue
-            ids = [*self.opening, *next(encoded), self.eos_id]
+            ids = next(encoded)
+            token_ids.extend(self.opening)
             token_ids.extend(ids)
-            lengths[position] = len(ids)
+            token_ids.append(self.eos_id)
+            lengths[position] = len(self.opening) + len(ids) + 1
         return TokenizedChunk(unit, [record.index for record in records], lengths, np.array(token_ids, np.int32), bad)
 
 
