@@ -115,7 +115,7 @@ def test_rerun_of_a_finished_dataset_is_a_no_op(by_workers):
     assert changed.returncode == 1 and "pass --overwrite" in changed.stderr
 
 
-def test_bos_opens_every_document_and_is_part_of_the_datasets_identity(corpus, tmp_path):
+def test_bos_opens_every_document_and_is_part_of_the_datasets_identity(ray_address, corpus, tmp_path):
     root, documents = corpus
     out = tmp_path / "ds"
     args = ["prepare", str(root), "--tokenizer", TOKENIZER, "--seq-len", "256", "--out", str(out), "--no-progress"]
