@@ -82,7 +82,15 @@ def model_config(config: TrainConfig, dataset_manifest: dict):
     from transformers import AutoConfig
 
     if isinstance(config.model, dict):
-        fields = {"vocab_size": dataset_manifest["vocab_size"], **config.model}
+        # The dataset's tokenizer says which token ends a document, not the architecture's defaults (Llama's
+        # bos 1 and eos 2 are "!" and '"' in the builtin tokenizer): generate() stops at eos. Which token opens
+        # one, if any, the manifest does not record; `model:` may set bos_token_id.
+        fields = {
+            "vocab_size": dataset_manifest["vocab_size"],
+            "eos_token_id": dataset_manifest["eos_id"],
+            "bos_token_id": None,
+            **config.model,
+        }
         model_type = fields.pop("model_type", None)
         if model_type is None:
             raise SlmError("model: an architecture config needs `model_type` (e.g. llama)")

@@ -169,6 +169,10 @@ def test_checkpoints_are_hugging_face_models_and_wandb_runs_offline(dataset, tmp
     assert [("heldout_loss" in line) for line in lines] == [False, True, False, True]
     model = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-4")
     assert model.config.vocab_size == 4096
+    # It ends documents where the dataset's tokenizer does, so generate() stops there.
+    eos_id = json.loads((dataset / "manifest.json").read_text())["eos_id"]
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == eos_id
+    assert model.config.bos_token_id is None
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
     inspected_run = json.loads(run_slm("inspect", str(run), "--json").stdout)
