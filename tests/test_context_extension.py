@@ -1,6 +1,7 @@
-"""jobs/context-extension.yaml end to end at a miniature size (every length ÷ 4, a two-layer model, a few
-steps): the three extensions carry their RoPE into the checkpoints, select by excess-long, and `compare`
-reports every probe by length and by depth × length, as an independent probe of the checkpoints gives."""
+"""jobs/context-extension.yaml end to end at a miniature size (every length ÷ 4, the job's hybrid model at
+half its width and depth, a few steps): the three extensions carry their RoPE into the checkpoints, select by
+excess-long, and `compare` reports every probe by length and by depth × length, as an independent probe of
+the checkpoints gives."""
 
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ def miniature(job: dict, corpus: Path) -> dict:
                 overrides["rope_scaling"]["original_max_position_embeddings"] //= SHRINK
         if stage["run"] == "score":
             stage.update(window=stage["window"] // SHRINK, stride=stage["stride"] // SHRINK)
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256 // SHRINK}  # fmt: skip
-    stages["reference"]["model"] = stages["base"]["model"] = tiny
+    smaller = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "max_position_embeddings": 256 // SHRINK}  # fmt: skip
+    stages["reference"]["model"] = {"model_type": "llama", "num_hidden_layers": 2, **smaller}
+    # the job's hybrid (a convolution, then attention) at half its depth
+    hybrid = {"num_hidden_layers": 2, "layer_types": ["conv", "full_attention"]}
+    stages["warmup"]["model"] = {**stages["warmup"]["model"], **smaller, **hybrid}
     stages["base"].update(steps=BASE_STEPS, rows_per_micro_batch=8)  # far enough from uniform output that the RoPE
     # shows in the probes
     stages["compare"].update(probe_lengths=PROBE_LENGTHS, probe_samples=1)

@@ -168,7 +168,8 @@ def probe_only(model_or_run: str, tokenizer: str, lengths, samples: int, tasks, 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_for_eval(model_directory(model_or_run), None, 1, "packed", device)
+    # A probe is one document run alone, never packed: any model keeps it apart (hybrids included).
+    model = load_for_eval(model_directory(model_or_run), None, 1, "per_document", device)
     return run_model_probes(model, tokenizer, lengths, samples, tasks, show_progress)
 
 

@@ -79,6 +79,7 @@ def build_model(config: TrainConfig, dataset_manifest: dict):
 
 def model_config(config: TrainConfig, dataset_manifest: dict):
     """The model's HF config with `model_overrides` (read without the weights)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     if isinstance(config.model, dict):
@@ -94,7 +95,11 @@ def model_config(config: TrainConfig, dataset_manifest: dict):
         model_type = fields.pop("model_type", None)
         if model_type is None:
             raise SlmError("model: an architecture config needs `model_type` (e.g. llama)")
-        return apply_model_overrides(AutoConfig.for_model(model_type, **fields), config.model_overrides)
+        try:
+            architecture = AutoConfig.for_model(model_type, **fields)
+        except (ValueError, TypeError, StrictDataclassError) as error:  # transformers checks the fields itself
+            raise SlmError(f"model: {' '.join(str(error).split())}") from None
+        return apply_model_overrides(architecture, config.model_overrides)
     if not (Path(config.model) / "config.json").exists():
         raise SlmError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
     return apply_model_overrides(AutoConfig.from_pretrained(config.model), config.model_overrides)

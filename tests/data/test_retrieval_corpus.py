@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -68,7 +69,39 @@ def test_the_corpus_is_the_same_each_time_it_is_made(documents):
     assert retrieval() == documents
 
 
-def test_the_phrasings_are_not_the_probes(documents):
+def assert_no_probe_phrasing(documents) -> None:
     text = "".join(documents)
     for probe_phrase in ("pass key", "special magic number", "VAR ", "holds the key to box", "is maintained by"):
-        assert probe_phrase not in text
+        assert not re.search(rf"\b{probe_phrase.strip()}\b", text), probe_phrase  # "bypass key", "pass keyword" are not
+
+
+def test_the_phrasings_are_not_the_probes(documents):
+    assert_no_probe_phrasing(documents)
+
+
+def test_short_recall_documents_each_recall_one_thing_they_state_within_a_short_row():
+    from slm_pipeline.data.embedded import SHORT_RECALL_DOCUMENTS, short_recall
+    from slm_pipeline.data.tokenizer import load_tokenizer
+
+    documents = short_recall()
+    assert len(documents) == SHORT_RECALL_DOCUMENTS and short_recall.cache_clear() is None
+    assert short_recall() == documents  # the same each time it is made
+    kinds = Counter()
+    for document in documents:
+        questions = [match for question in QUESTIONS for match in re.finditer(question, document)]
+        recalls = re.findall(r"Checklist (\w+) again: (.+?)\. ", document)
+        assert len(questions) + len(recalls) == 1, document  # one thing recalled
+        if questions:
+            *_, name, answer = questions[0].groups()
+            stated = values_stated(document, name)
+            assert {value for _, value in stated} == {answer} and stated[0][0] < questions[0].start(), document
+            kinds["fact"] += 1
+        else:
+            [(label, items)] = recalls
+            assert document.startswith(f"Checklist {label}: {items}. "), document  # stated first, word for word
+            kinds["list"] += 1
+    assert min(kinds.values()) > 0.4 * len(documents)
+    # short enough that the job's 128-token warm-up rows hold each whole (the opening token included)
+    lengths = [len(ids) for ids in load_tokenizer("builtin:pydoc-bpe-4k")(list(documents))["input_ids"]]
+    assert max(lengths) < 128 and np.median(lengths) < 64
+    assert_no_probe_phrasing(documents)
