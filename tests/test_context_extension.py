@@ -74,6 +74,10 @@ def checkpoint(out: Path, run: str) -> Path:
 def test_each_extension_carries_its_rope_into_the_checkpoint(extension):
     configs = {run: json.loads((checkpoint(extension["out"], run) / "config.json").read_text()) for run in RUNS}
     job = yaml.safe_load(JOB.read_text())["stages"]
+    warmup = json.loads((checkpoint(extension["out"], "warmup") / "config.json").read_text())
+    for run in RUNS:  # all from the warm-up's hybrid
+        assert (configs[run]["model_type"], configs[run]["layer_types"]) == ("lfm2", ["conv", "full_attention"])
+    assert warmup["layer_types"] == configs["base"]["layer_types"]
     assert configs["base"]["max_position_embeddings"] == 64
     assert configs["base"]["rope_parameters"]["rope_type"] == "default"
     assert [configs[run]["max_position_embeddings"] for run in RUNS[1:]] == [256] * 3

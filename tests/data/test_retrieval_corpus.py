@@ -71,8 +71,8 @@ def test_the_corpus_is_the_same_each_time_it_is_made(documents):
 
 def assert_no_probe_phrasing(documents) -> None:
     text = "".join(documents)
-    for probe_phrase in ("pass key", "special magic number", "VAR ", "holds the key to box", "is maintained by"):
-        assert not re.search(rf"\b{probe_phrase.strip()}\b", text), probe_phrase  # "bypass key", "pass keyword" are not
+    for probe_phrase in ("pass key", "special magic numbers?", "VAR", "holds the key to box", "is maintained by"):
+        assert not re.search(rf"\b{probe_phrase}\b", text), probe_phrase  # "bypass key", "pass keyword" are not
 
 
 def test_the_phrasings_are_not_the_probes(documents):
@@ -80,28 +80,34 @@ def test_the_phrasings_are_not_the_probes(documents):
 
 
 def test_short_recall_documents_each_recall_one_thing_they_state_within_a_short_row():
-    from slm_pipeline.data.embedded import SHORT_RECALL_DOCUMENTS, short_recall
+    from slm_pipeline.data.embedded import short_recall
     from slm_pipeline.data.tokenizer import load_tokenizer
 
     documents = short_recall()
-    assert len(documents) == SHORT_RECALL_DOCUMENTS and short_recall.cache_clear() is None
+    assert len(documents) == 40_000
+    short_recall.cache_clear()
     assert short_recall() == documents  # the same each time it is made
     kinds = Counter()
     for document in documents:
         questions = [match for question in QUESTIONS for match in re.finditer(question, document)]
         recalls = re.findall(r"Checklist (\w+) again: (.+?)\. ", document)
-        assert len(questions) + len(recalls) == 1, document  # one thing recalled
+        assert len(questions) + len(recalls) == 1, document  # one thing recalled, at the end
         if questions:
-            *_, name, answer = questions[0].groups()
+            [question] = questions
+            *key, name, answer = question.groups()
+            assert question.end() == len(document.rstrip()), document
             stated = values_stated(document, name)
-            assert {value for _, value in stated} == {answer} and stated[0][0] < questions[0].start(), document
+            assert {value for _, value in stated} == {answer} and stated[0][0] < question.start(), document
+            assert not key or f"the {name} of {key[0]} is {answer}. " in document[: question.start()], document
+            assert document.split(" ", 1)[0] in ("The", "Record:", "Note"), document  # stated first
             kinds["fact"] += 1
         else:
             [(label, items)] = recalls
             assert document.startswith(f"Checklist {label}: {items}. "), document  # stated first, word for word
+            assert document.endswith(f"Checklist {label} again: {items}. ") and 2 <= len(items.split(", ")) <= 4
             kinds["list"] += 1
-    assert min(kinds.values()) > 0.4 * len(documents)
-    # short enough that the job's 128-token warm-up rows hold each whole (the opening token included)
+    assert kinds["fact"] > 0.4 * len(documents) and kinds["list"] > 0.4 * len(documents)
+    # short enough that the job's 128-token warm-up rows hold each whole, with its opening and closing tokens
     lengths = [len(ids) for ids in load_tokenizer("builtin:pydoc-bpe-4k")(list(documents))["input_ids"]]
-    assert max(lengths) < 128 and np.median(lengths) < 64
+    assert max(lengths) + 2 <= 128 and np.median(lengths) < 64
     assert_no_probe_phrasing(documents)

@@ -208,6 +208,7 @@ BAD_CONFIGS = [
         {"model": {"model_type": "lfm2", "layer_types": ["conv", "full_attention"]}},
         "model: Class validation error for validator 'validate_layer_type': ValueError: `num_hidden_layers` (32)",
     ),
+    ({"model": {"model_type": "nope"}}, "model: Unrecognized model identifier: nope"),
     ({"wandb": {"mode": "loud"}}, "wandb.mode must be offline, online or disabled"),
     ({"max_failures": 2}, "max_failures restarts Ray Train workers; in one process (workers: 0) nothing restarts it"),
     ({"max_failures": -2}, "max_failures must be -1 (no limit), 0 or more, got -2"),
