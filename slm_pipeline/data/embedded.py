@@ -393,16 +393,17 @@ def short_recall() -> tuple[str, ...]:
     steps (docs/context-extension.md)."""
     rng = random.Random(SHORT_RECALL_SEED)
     words = [word for word in _vocabulary() if word not in _PROBE_WORDS]
-    clauses = [p[: _word_boundary(p, SHORT_RECALL_BETWEEN_CHARS)] for doc in python_docs() for p in doc.split("\n\n")]
-    clauses = [clause for clause in clauses if clause]
+    paragraphs = [p for doc in python_docs() for p in doc.split("\n\n")]
+    paragraphs = [p for p in paragraphs if _word_boundary(p, SHORT_RECALL_BETWEEN_CHARS)]  # an opening clause
     documents = []
     for _ in range(SHORT_RECALL_DOCUMENTS):
         if rng.random() < 0.5:
             [(statement, recall)] = _retrieval_facts(rng, words, 1)
         else:
             [(statement, recall)] = _retrieval_lists(rng, words, 1, SHORT_RECALL_LIST_ITEMS)
-        between = rng.choice(clauses)[: rng.randint(0, SHORT_RECALL_BETWEEN_CHARS)]
-        documents.append(statement + between[: _word_boundary(between, len(between))] + recall)
+        paragraph = rng.choice(paragraphs)
+        between = paragraph[: _word_boundary(paragraph, rng.randint(0, SHORT_RECALL_BETWEEN_CHARS))]
+        documents.append(statement + between + recall)
     return tuple(documents)
 
 
