@@ -1,7 +1,7 @@
 """jobs/context-extension.yaml end to end at a miniature size (every length ÷ 4, the job's hybrid model at
 half its width and depth, a few steps): the three extensions carry their RoPE into the checkpoints, select by
-excess-long, and `compare` reports every probe by length and by depth × length, as an independent probe of
-the checkpoints gives."""
+excess-long (the YaRN control trains every token), and `compare` reports every probe by length and by
+depth × length, as an independent probe of the checkpoints gives."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from tests.models import load
 JOB = Path(__file__).parents[1] / "jobs" / "context-extension.yaml"
 SHRINK = 4
 PROBE_LENGTHS = [256, 512]
-RUNS = ["base", "extend-none", "extend-yarn", "extend-longrope"]
+ROPE_RUNS = ["extend-none", "extend-yarn", "extend-longrope"]  # the same selection, each its own RoPE
+RUNS = ["base", *ROPE_RUNS, "extend-yarn-clm"]
+YARN_RUNS = {"extend-yarn", "extend-yarn-clm"}
 BASE_STEPS = 150
 
 
@@ -80,10 +82,11 @@ def test_each_extension_carries_its_rope_into_the_checkpoint(extension):
     assert warmup["layer_types"] == configs["base"]["layer_types"]
     assert configs["base"]["max_position_embeddings"] == 64
     assert configs["base"]["rope_parameters"]["rope_type"] == "default"
-    assert [configs[run]["max_position_embeddings"] for run in RUNS[1:]] == [256] * 3
+    assert [configs[run]["max_position_embeddings"] for run in RUNS[1:]] == [256] * 4
     assert configs["extend-none"]["rope_parameters"]["rope_type"] == "default"
-    yarn = configs["extend-yarn"]["rope_parameters"]
-    assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 4.0, 64)
+    for run in YARN_RUNS:
+        yarn = configs[run]["rope_parameters"]
+        assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 4.0, 64)
     longrope = configs["extend-longrope"]["rope_parameters"]
     expected = job["extend-longrope"]["model_overrides"]["rope_scaling"]
     assert (longrope["rope_type"], longrope["original_max_position_embeddings"]) == ("longrope", 64)
@@ -92,12 +95,12 @@ def test_each_extension_carries_its_rope_into_the_checkpoint(extension):
     for run in RUNS[1:]:  # as loaded for evaluation: the extension's RoPE, on top of the base's frequencies
         rotary = load(checkpoint(extension["out"], run)).model.rotary_emb
         assert rotary.rope_type == configs[run]["rope_parameters"]["rope_type"]
-        assert torch.equal(rotary.inv_freq, base_frequencies) == (run != "extend-yarn")  # LongRoPE's: by length
-    for run in RUNS[1:]:  # every extension trained from the base, with excess-long's 60%
+        assert torch.equal(rotary.inv_freq, base_frequencies) == (run not in YARN_RUNS)  # LongRoPE's: by length
+    for run in RUNS[1:]:  # every extension trained from the base, with excess-long's 60% (the control: all)
         metrics = [json.loads(line) for line in (extension["out"] / run / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["step"] == 3
         assert np.mean([m["selected_fraction"] for m in metrics if "selected_fraction" in m]) == pytest.approx(
-            0.6, abs=0.02
+            1.0 if run == "extend-yarn-clm" else 0.6, abs=0.02
         )
 
 
@@ -143,7 +146,7 @@ def test_the_extensions_rope_changes_what_the_probes_measure(extension):
     """Past the base's 64 positions the three extensions' answer log-probs differ: they trained 3 steps on the
     same rows from the same base, so the RoPE each checkpoint carries is what differs."""
     results = extension["results"]
-    at_512 = [results[run]["passkey_logprob@512"] for run in RUNS[1:]]
+    at_512 = [results[run]["passkey_logprob@512"] for run in ROPE_RUNS]
     assert min(abs(a - b) for a, b in itertools.combinations(at_512, 2)) > 1e-3
 
 
