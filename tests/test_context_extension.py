@@ -102,6 +102,18 @@ def test_each_extension_carries_its_rope_into_the_checkpoint(extension):
         assert np.mean([m["selected_fraction"] for m in metrics if "selected_fraction" in m]) == pytest.approx(
             1.0 if run == "extend-yarn-clm" else 0.6, abs=0.02
         )
+        assert ("reference_loss" in metrics[-1]) == (run != "extend-yarn-clm")  # the control reads no score set
+
+
+def test_each_extension_starts_from_the_base(extension):
+    """An extension's 3 steps, inside its learning-rate warm-up, move each weight by under 1e-4; the warm-up
+    stage's weights are the base's 150 steps at 1e-3 away."""
+    embeddings = {
+        run: load(checkpoint(extension["out"], run)).get_input_embeddings().weight for run in ["warmup", *RUNS]
+    }
+    assert not torch.allclose(embeddings["warmup"], embeddings["base"], atol=1e-3)
+    for run in RUNS[1:]:
+        assert torch.allclose(embeddings[run], embeddings["base"], atol=1e-3)
 
 
 def test_compare_reports_every_probe_at_every_length(extension):
@@ -132,7 +144,7 @@ def test_compare_probes_the_runs_checkpoints(extension):
     from slm_pipeline.data.tokenizer import load_tokenizer
 
     builder = ProbeBuilder(load_tokenizer("builtin:pydoc-bpe-4k"))
-    for run in ("extend-yarn", "extend-longrope"):
+    for run in ("extend-yarn", "extend-longrope", "extend-yarn-clm"):
         model = load(checkpoint(extension["out"], run))
         cells = extension["results"][run]["seeds"][0]["probes"]
         for task, length, depth in (("passkey", 512, 0.5), ("qa", 256, 0.0), ("frequent_words", 512, None)):
@@ -163,3 +175,4 @@ def test_compare_writes_the_tables_plots_and_report(extension):
     page = (comparison / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2
     assert "Lost in the middle" in page and all(f"<h3>{task}</h3>" in page for task in TASKS)
+    assert all(page.count(f"<tr><td>{run}</td>") >= len(TASKS) for run in RUNS)  # in every probe's table
