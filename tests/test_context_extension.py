@@ -5,6 +5,7 @@ depth × length, as an independent probe of the checkpoints gives."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 from pathlib import Path
@@ -36,7 +37,8 @@ def miniature(job: dict, corpus: Path) -> dict:
             stage.update(inputs=[str(corpus)], seq_len=stage["seq_len"] // SHRINK)
         if stage["run"] == "train":
             stage.update(steps=3, rows_per_micro_batch=2, heldout_rows=2, eval_every=0, wandb={"mode": "disabled"})
-            overrides = stage.get("model_overrides", {})
+            # each stage's own copy: YAML aliases share one dict between stages (the control's RoPE is extend-yarn's)
+            overrides = stage["model_overrides"] = copy.deepcopy(stage.get("model_overrides", {}))
             if "max_position_embeddings" in overrides:
                 overrides["max_position_embeddings"] //= SHRINK
             if "rope_scaling" in overrides:
