@@ -23,8 +23,9 @@ JOB = Path(__file__).parents[1] / "jobs" / "context-extension.yaml"
 SHRINK = 4
 PROBE_LENGTHS = [256, 512]
 ROPE_RUNS = ["extend-none", "extend-yarn", "extend-longrope"]  # the same selection, each its own RoPE
-RUNS = ["base", *ROPE_RUNS, "extend-yarn-clm"]
-YARN_RUNS = {"extend-yarn", "extend-yarn-clm"}
+CONTROL = "extend-yarn-clm"  # YaRN, every token trained
+RUNS = ["base", *ROPE_RUNS, CONTROL]
+YARN_RUNS = {"extend-yarn", CONTROL}
 BASE_STEPS = 150
 
 
@@ -102,9 +103,9 @@ def test_each_extension_carries_its_rope_into_the_checkpoint(extension):
         metrics = [json.loads(line) for line in (extension["out"] / run / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["step"] == 3
         assert np.mean([m["selected_fraction"] for m in metrics if "selected_fraction" in m]) == pytest.approx(
-            1.0 if run == "extend-yarn-clm" else 0.6, abs=0.02
+            1.0 if run == CONTROL else 0.6, abs=0.02
         )
-        assert ("reference_loss" in metrics[-1]) == (run != "extend-yarn-clm")  # the control reads no score set
+        assert ("reference_loss" in metrics[-1]) == (run != CONTROL)  # the control reads no score set
 
 
 def test_each_extension_starts_from_the_base(extension):
@@ -146,7 +147,7 @@ def test_compare_probes_the_runs_checkpoints(extension):
     from slm_pipeline.data.tokenizer import load_tokenizer
 
     builder = ProbeBuilder(load_tokenizer("builtin:pydoc-bpe-4k"))
-    for run in ("extend-yarn", "extend-longrope", "extend-yarn-clm"):
+    for run in ("extend-yarn", "extend-longrope", CONTROL):
         model = load(checkpoint(extension["out"], run))
         cells = extension["results"][run]["seeds"][0]["probes"]
         for task, length, depth in (("passkey", 512, 0.5), ("qa", 256, 0.0), ("frequent_words", 512, None)):
